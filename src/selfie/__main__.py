@@ -1,0 +1,5 @@
+import sys
+
+from selfie.cli import main
+
+sys.exit(main())

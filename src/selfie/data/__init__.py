@@ -1,0 +1,95 @@
+"""Datasets as uint8 image tensors, and the one entry point that picks a dataset by name.
+
+Every dataset comes back as an `ImageSet`: all images in one uint8 tensor of shape
+(N, 3, H, W) on the CPU, labels as int64 (N,). A whole CIFAR-10 split is 150 MB as uint8,
+so holding it in memory and augmenting batches on the training device (see `augment`) is
+simpler and faster than a per-image `Dataset`/`DataLoader` pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from selfie.errors import UserError
+
+SUPPORTED_DATASETS = ("cifar10", "digits")
+PLANNED_DATASETS = ("imagenet32", "imagenet224")
+SPLITS = ("train", "test")
+DEFAULT_DATA_DIRS = {"cifar10": Path("data/cifar10")}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled image split held in memory.
+
+    images: uint8 (N, 3, H, W), CPU, contiguous. labels: int64 (N,), values in
+    0..len(classes)-1. classes: class names, index = label.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Catch loader bugs here, at construction, rather than as a shape error deep in training.
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
+            raise ValueError(
+                f"labels must be int64 (N,), got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    data_dir: str | Path | None,
+    image_size: int,
+    download: bool = False,
+) -> ImageSet:
+    """Load split "train" or "test" of dataset `name`, checking its images are image_size px.
+
+    data_dir None means the dataset's default folder ("data/cifar10" for CIFAR-10); digits
+    ships inside scikit-learn and ignores data_dir and download.
+    """
+    # Loaders are imported here, not at module top, so `import selfie.data` stays cheap
+    # (scikit-learn takes about a second to import) and cifar10/digits can import ImageSet.
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
+    train = split == "train"
+    supported = ", ".join(SUPPORTED_DATASETS)
+    if name == "cifar10":
+        from selfie.data.cifar10 import load_cifar10
+
+        root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIRS["cifar10"]
+        data = load_cifar10(root=root, train=train, download=download)
+    elif name == "digits":
+        from selfie.data.digits import load_digits
+
+        data = load_digits(train=train, image_size=image_size)
+    elif name in PLANNED_DATASETS:
+        raise UserError(f"dataset {name!r} is not supported yet; use one of: {supported}")
+    else:
+        raise UserError(f"unknown dataset {name!r}; use one of: {supported}")
+
+    h, w = data.images.shape[-2:]
+    if (h, w) != (image_size, image_size):
+        raise UserError(
+            f"{name} images are {h}x{w} but image_size is {image_size}; "
+            f"set image_size to {h} for {name}"
+        )
+    return data
+
+
+__all__ = ["SUPPORTED_DATASETS", "ImageSet", "load_dataset"]

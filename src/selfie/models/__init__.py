@@ -1,0 +1,1 @@
+"""Networks: the ResNet v2, the attention pooling network, positions, and Selfie itself."""

@@ -1,0 +1,117 @@
+"""Pre-activation ResNet v2 (He et al. 2016): batch norm and ReLU at the start of each unit.
+
+One implementation serves both networks of the method (SPEC 2):
+- P, the patch network: `ResNetV2(cfg, num_stages=3)`, i.e. stem + stages 1-3 + final
+  BN-ReLU + global average pooling, one D-vector per patch;
+- the finetuning ResNet-50: `ResNetV2(cfg, num_stages=4, num_classes=K)`.
+Both name their parts `stem`, `stages.{i}`, `norm`, `head`, so the transfer from P is a
+`load_state_dict` of the `stem.` and `stages.0-2.` keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfie.config import ModelConfig
+
+
+class BasicUnit(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus a shortcut (a 1x1 projection when shapes change)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+            if stride != 1 or in_ch != out_ch
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        # The projection reads the pre-activated input, as in the v2 paper and TF-slim.
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv1(pre)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + skip
+
+
+class BottleneckUnit(nn.Module):
+    """BN-ReLU-conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1 with a 4x wider output."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        mid = out_ch // 4
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+            if stride != 1 or in_ch != out_ch
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        out = self.conv1(pre)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        out = self.conv3(torch.relu(self.bn3(out)))
+        return out + skip
+
+
+def make_stem(cfg: ModelConfig, in_channels: int = 3) -> nn.Sequential:
+    """No BN or ReLU after the stem conv: the first pre-activation unit applies them (v2)."""
+    if cfg.stem == "cifar":  # SPEC 7: one 3x3 conv, stride 1, no max-pool for 32-px inputs
+        return nn.Sequential(nn.Conv2d(in_channels, cfg.stem_width, 3, 1, 1, bias=False))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, cfg.stem_width, 7, 2, 3, bias=False),
+        nn.MaxPool2d(3, 2, 1),
+    )
+
+
+class ResNetV2(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_stages: int = 4, num_classes: int | None = None):
+        super().__init__()
+        unit = BottleneckUnit if cfg.block == "bottleneck" else BasicUnit
+        self.stem = make_stem(cfg)
+        stages = []
+        in_ch = cfg.stem_width
+        for i in range(num_stages):
+            out_ch = cfg.widths[i]
+            units = [
+                unit(in_ch if j == 0 else out_ch, out_ch, 2 if (i > 0 and j == 0) else 1)
+                for j in range(cfg.layers[i])
+            ]
+            stages.append(nn.Sequential(*units))
+            in_ch = out_ch
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.BatchNorm2d(in_ch)  # the final BN-ReLU a pre-activation net needs
+        self.out_dim = in_ch
+        self.head = nn.Linear(in_ch, num_classes) if num_classes is not None else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor, num_stages: int | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> the raw feature map after `num_stages` stages (no final norm)."""
+        x = self.stem(x)
+        for stage in self.stages[:num_stages]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, out_dim) pooled features, or (B, K) logits with a head."""
+        x = torch.relu(self.norm(self.forward_features(x)))
+        x = x.mean(dim=(2, 3))
+        return x if self.head is None else self.head(x)
