@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from selfie.config import Config, get_preset
-from selfie.pretrain import RunOptions, pretrain
+from selfie.pretrain import pretrain
+from selfie.runfolder import RunOptions
 
 
 def shortened(config: Config, **changes: object) -> Config:

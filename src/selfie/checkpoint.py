@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selfie.errors import UserError
@@ -84,3 +84,26 @@ def export_safetensors(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "selfie-weights-v1"})
     os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a run folder (its model.safetensors, else its newest checkpoint), a
+    .safetensors file, or a selfie checkpoint (.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            path = path / "model.safetensors"
+        else:
+            found = list_checkpoints(path / "checkpoints")
+            if not found:
+                raise UserError(f"{path} holds no model.safetensors and no checkpoints")
+            path = found[-1]
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise UserError(f"weights not found: {path}")
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    state = load_checkpoint(path)
+    return dict(state["model"])

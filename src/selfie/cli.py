@@ -16,6 +16,8 @@ from typing import NoReturn
 
 from selfie.config import PRESETS, Config, apply_overrides, get_preset, validate
 from selfie.errors import UserError
+from selfie.models.classifier import HEADS
+from selfie.runfolder import RunOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +83,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, preset_required=False)
     _add_run_args(p)
 
+    p = sub.add_parser(
+        "finetune",
+        help="train a classifier on a labelled subset, from pretrained weights or from scratch",
+        description="Finetune on a class-balanced labelled subset of the training set. The "
+        "test split is read once, after training, for the reported test_acc.",
+    )
+    _add_config_args(p, preset_required=False)
+    p.add_argument(
+        "--labels",
+        metavar="AMOUNT",
+        help="labelled images: a fraction of each class (0.08, 8%%) or a whole number of "
+        "images per class (400)",
+    )
+    init = p.add_mutually_exclusive_group()
+    init.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="pretrained weights: a pretraining run folder, its model.safetensors, or a .pt "
+        "checkpoint",
+    )
+    init.add_argument(
+        "--scratch", action="store_true", help="random initialisation: the supervised baseline"
+    )
+    p.add_argument(
+        "--head",
+        choices=HEADS,
+        default="resnet50",
+        help="resnet50: the ResNet v2 with stem and stages 1-3 from P (default); attention: "
+        "P's trunk, then A pools the stage-3 map (the paper's Table 2 variant)",
+    )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="hold out finetune.val_fraction of the subset and report val_acc (for tuning); "
+        "the test split is then never read",
+    )
+    _add_run_args(p)
+
+    p = sub.add_parser(
+        "experiment",
+        help="the paper's protocol in one command: pretrain once, finetune both arms per "
+        "labelled amount and seed, then table and figure",
+        description="Pretrain once without labels (or reuse --pretrained), then for each head, "
+        "labelled amount and arm (Selfie pretrained, scratch) optionally tune the peak LR on a "
+        "90/10 split of the subset, and train on the whole subset once per seed. Resumable: "
+        "run it again to skip finished runs and resume interrupted ones.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--labels",
+        required=True,
+        metavar="A,B,...",
+        help="labelled amounts, comma-separated: fractions (0.05,0.08,0.2,1.0) or images per "
+        "class (10,25)",
+    )
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="runs per cell (default 5)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose each arm's peak LR from finetune.lr_grid by validation accuracy",
+    )
+    p.add_argument("--pretrained", metavar="CKPT", help="reuse these weights; skip pretraining")
+    p.add_argument(
+        "--heads",
+        default="resnet50",
+        metavar="H,...",
+        help=f"finetuning heads, comma-separated, from: {', '.join(HEADS)}",
+    )
+    p.add_argument("--pretrain-steps", type=int, metavar="N", help="override pretrain.steps")
+    p.add_argument("--finetune-steps", type=int, metavar="N", help="override finetune.steps")
+    p.add_argument("--out", type=Path, metavar="DIR", help="experiment folder (default: runs/...)")
+    p.add_argument("--data-dir", metavar="DIR", help="dataset root (see `selfie pretrain -h`)")
+    p.add_argument("--download", action="store_true", help="fetch the dataset if missing")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+    p = sub.add_parser("report", help="render table.md, table.csv, figure.png from results")
+    p.add_argument("folder", type=Path, help="an experiment folder holding results.jsonl")
+
     p = sub.add_parser("show-config", help="print the resolved config and parameter counts")
     _add_config_args(p)
 
@@ -92,25 +173,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> Config | None:
+def _config(args: argparse.Namespace, section: str = "pretrain") -> Config | None:
+    """The preset with --set overrides, then --steps/--batch-size/--seed on `section`."""
     if args.preset is None:
         if getattr(args, "resume", False) and not args.overrides:
             return None  # resume with the run's own config
         raise UserError("--preset is required (see `selfie presets`)")
     config = apply_overrides(get_preset(args.preset), args.overrides)
-    pre = config.pretrain
-    for name, value in (
-        ("steps", getattr(args, "steps", None)),
-        ("batch_size", getattr(args, "batch_size", None)),
-        ("seed", getattr(args, "seed", None)),
-    ):
+    part = getattr(config, section)
+    for name in ("steps", "batch_size", "seed"):
+        value = getattr(args, name, None)
         if value is not None:
-            pre = replace(pre, **{name: value})
-    return validate(replace(config, pretrain=pre))
+            part = replace(part, **{name: value})
+    return validate(replace(config, **{section: part}))
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        out=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        bf16=args.bf16,
+        resume=args.resume,
+        force=args.force,
+        download=args.download,
+        progress=sys.stderr.isatty(),
+    )
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from selfie.pretrain import RunOptions, pretrain
+    from selfie.pretrain import pretrain
 
     config = _config(args)
     if args.out is None:
@@ -118,21 +210,67 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             raise UserError("--resume needs --out DIR, the run to continue")
         assert config is not None
         args.out = _default_out("pretrain", config.name)
-    summary = pretrain(
-        config,
-        RunOptions(
-            out=args.out,
-            data_dir=args.data_dir,
-            device=args.device,
-            bf16=args.bf16,
-            resume=args.resume,
-            force=args.force,
-            download=args.download,
-            progress=sys.stderr.isatty(),
-        ),
-    )
+    summary = pretrain(config, _run_options(args))
     print(json.dumps(summary, indent=2))
     print(f"run folder: {args.out}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from selfie.data.subsets import parse_amount
+    from selfie.finetune import FinetuneSpec, finetune
+
+    config = _config(args, "finetune")
+    spec = None
+    if not args.resume:
+        if args.labels is None or not (args.init or args.scratch):
+            raise UserError("finetune needs --labels and one of --init CKPT or --scratch")
+        spec = FinetuneSpec(parse_amount(args.labels), args.head, args.init, args.validation)
+    if args.out is None:
+        if args.resume:
+            raise UserError("--resume needs --out DIR, the run to continue")
+        assert config is not None and spec is not None
+        args.out = _default_out(f"finetune-{spec.arm}", config.name)
+    summary = finetune(config, spec, _run_options(args))
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {args.out}")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from selfie.data.subsets import parse_amount
+    from selfie.experiment import Plan, Runtime, run_experiment
+    from selfie.report import table_markdown
+
+    config = _config(args)
+    assert config is not None
+    if args.pretrain_steps is not None:
+        config = replace(config, pretrain=replace(config.pretrain, steps=args.pretrain_steps))
+    if args.finetune_steps is not None:
+        config = replace(config, finetune=replace(config.finetune, steps=args.finetune_steps))
+    heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise UserError(f"--heads: unknown {unknown}; choose from {', '.join(HEADS)}")
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    plan = Plan(
+        labels=tuple(parse_amount(t) for t in args.labels.split(",") if t.strip()),
+        seeds=args.seeds,
+        heads=heads,
+        tune=args.tune,
+        pretrained=args.pretrained,
+    )
+    out = args.out or _default_out("experiment", config.name)
+    runtime = Runtime(args.data_dir, args.device, args.bf16, args.download, sys.stderr.isatty())
+    cells = run_experiment(validate(config), plan, out, runtime)
+    print(table_markdown(cells, heads[0]))
+    print(f"experiment folder: {out} (table.md, table.csv, figure.png, results.jsonl)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from selfie.report import write_report
+
+    write_report(args.folder / "results.jsonl", args.folder)
+    print((args.folder / "table.md").read_text())
 
 
 def cmd_show_config(args: argparse.Namespace) -> None:
@@ -159,6 +297,9 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "pretrain": cmd_pretrain,
+    "finetune": cmd_finetune,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
     "show-config": cmd_show_config,
     "presets": cmd_presets,
     "quickstart": cmd_quickstart,

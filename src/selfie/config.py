@@ -56,20 +56,36 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class OptimConfig:
+    """The recipe shared by pretraining and finetuning (SPEC 4: "alike")."""
+
     batch_size: int = 512  # SPEC 4: 512 for CIFAR-10, 1024 for ImageNet
     steps: int = 120_000  # SPEC 4
     lr: float = 0.1  # SPEC 4: peak tuned over {0.01, ..., 0.4}; the paper does not say which won
     warmup_steps: int = 100  # SPEC 4: linear warm-up over 100 steps, then cosine decay
     momentum: float = 0.9  # SPEC 4: Nesterov
     weight_decay: float = 1e-4  # SPEC 4
-    visible_fraction: float = 0.75  # SPEC 3: p, 0.75 or 0.5
     log_every: int = 50
     checkpoint_every: int = 1000
     seed: int = 0
 
+
+@dataclass(frozen=True)
+class PretrainConfig(OptimConfig):
+    visible_fraction: float = 0.75  # SPEC 3: p, 0.75 or 0.5
+
     def num_visible(self, num_patches: int) -> int:
         return round(self.visible_fraction * num_patches)
+
+
+PAPER_LR_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)  # SPEC 4
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(OptimConfig):
+    lr_grid: tuple[float, ...] = PAPER_LR_GRID  # peak LRs `selfie experiment --tune` tries
+    val_fraction: float = 0.1  # SPEC 5: 10% of the labelled subset held out for tuning
+    subset_seed: int = 0  # fixes the labelled subset across run seeds (SPEC 7: recorded)
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +135,7 @@ PRESETS: dict[str, Config] = {
             model=_PAPER_MODEL,
             data=DataConfig(dataset="imagenet32", num_classes=1000),
             pretrain=PretrainConfig(batch_size=1024),
+            finetune=FinetuneConfig(batch_size=1024),
         ),
         Config(
             name="paper-imagenet224",
@@ -128,6 +146,7 @@ PRESETS: dict[str, Config] = {
                 dataset="imagenet224", image_size=224, patch_size=32, pad=0, num_classes=1000
             ),
             pretrain=PretrainConfig(batch_size=1024),
+            finetune=FinetuneConfig(batch_size=1024),
         ),
         Config(
             name="cifar10-cpu",
@@ -137,6 +156,14 @@ PRESETS: dict[str, Config] = {
             data=DataConfig(dataset="cifar10"),
             pretrain=PretrainConfig(
                 batch_size=128, steps=6000, lr=0.1, log_every=50, checkpoint_every=500
+            ),
+            finetune=FinetuneConfig(
+                batch_size=128,
+                steps=1500,
+                lr=0.1,
+                lr_grid=(0.05, 0.1, 0.2),
+                log_every=50,
+                checkpoint_every=500,
             ),
         ),
         Config(
@@ -148,6 +175,15 @@ PRESETS: dict[str, Config] = {
             pretrain=PretrainConfig(
                 batch_size=64, steps=600, lr=0.1, log_every=25, checkpoint_every=200
             ),
+            finetune=FinetuneConfig(
+                batch_size=64,
+                steps=300,
+                lr=0.05,
+                lr_grid=(0.02, 0.05, 0.1),
+                warmup_steps=30,
+                log_every=25,
+                checkpoint_every=300,
+            ),
         ),
         Config(
             name="tiny",
@@ -157,6 +193,15 @@ PRESETS: dict[str, Config] = {
             data=DataConfig(dataset="digits", flip=False),
             pretrain=PretrainConfig(
                 batch_size=16, steps=6, warmup_steps=2, lr=0.05, log_every=2, checkpoint_every=3
+            ),
+            finetune=FinetuneConfig(
+                batch_size=16,
+                steps=6,
+                warmup_steps=2,
+                lr=0.05,
+                lr_grid=(0.02, 0.05),
+                log_every=2,
+                checkpoint_every=3,
             ),
         ),
     ]
@@ -181,9 +226,12 @@ def _coerce(key: str, text: str, annotation: Any) -> Any:
             value = (value,)
         if isinstance(value, list):
             value = tuple(value)
+        item = typing.get_args(annotation)[0]
+        kinds = (int, float) if item is float else (int,)
         ok = isinstance(value, tuple) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
+            isinstance(v, kinds) and not isinstance(v, bool) for v in value
         )
+        value = tuple(item(v) for v in value) if ok else value
     elif annotation is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
@@ -199,7 +247,7 @@ def _coerce(key: str, text: str, annotation: Any) -> Any:
     return value
 
 
-SECTIONS = ("model", "data", "pretrain")
+SECTIONS = ("model", "data", "pretrain", "finetune")
 
 
 def valid_keys(config: Config) -> list[str]:
@@ -252,11 +300,18 @@ def validate(config: Config) -> Config:
             f"pretrain.visible_fraction={p.visible_fraction} leaves {v} of {d.num_patches} "
             "patches visible; it must leave at least one visible and one masked"
         )
-    for name in ("batch_size", "steps", "log_every", "checkpoint_every"):
-        if getattr(p, name) < 1:
-            raise UserError(f"pretrain.{name} must be at least 1")
-    if p.lr <= 0:
-        raise UserError("pretrain.lr must be positive")
+    for section in ("pretrain", "finetune"):
+        o = getattr(config, section)
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every"):
+            if getattr(o, name) < 1:
+                raise UserError(f"{section}.{name} must be at least 1")
+        if o.lr <= 0:
+            raise UserError(f"{section}.lr must be positive")
+    f = config.finetune
+    if not f.lr_grid or min(f.lr_grid) <= 0:
+        raise UserError("finetune.lr_grid needs at least one positive learning rate")
+    if not 0 < f.val_fraction < 1:
+        raise UserError("finetune.val_fraction must lie strictly between 0 and 1")
     return config
 
 
@@ -275,4 +330,5 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         model=section(ModelConfig, d["model"]),
         data=section(DataConfig, d["data"]),
         pretrain=section(PretrainConfig, d["pretrain"]),
+        finetune=section(FinetuneConfig, d.get("finetune", {})),
     )

@@ -5,89 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from selfie import plots
 from selfie.checkpoint import export_safetensors
-from selfie.config import Config, config_from_dict, validate
+from selfie.config import Config
 from selfie.data import load_dataset
 from selfie.data.augment import channel_stats, normalize, pad_crop_flip
 from selfie.data.sampler import EpochSampler, step_generator
+from selfie.device import resolve_device
 from selfie.engine import StepResult, TrainLoop
 from selfie.errors import UserError
 from selfie.losses import selfie_loss, top1_accuracy
 from selfie.models.selfie import Selfie
 from selfie.optim import lr_at, make_sgd
 from selfie.patches import sample_masks
-from selfie.runfolder import RunFolder
+from selfie.runfolder import RunOptions, open_run, resolve_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How and where to run, as opposed to what (the Config)."""
-
-    out: Path
-    data_dir: str | None = None
-    device: str = "auto"
-    bf16: bool = False
-    resume: bool = False
-    force: bool = False
-    download: bool = False
-    progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-def resolve_config(config: Config | None, opts: RunOptions) -> Config:
-    """The config to run. With --resume it is the run's own: a given config must equal it."""
-    if not opts.resume:
-        if config is None:
-            raise UserError("--preset is required (see `selfie presets`)")
-        return validate(config)
-    path = Path(opts.out) / "config.json"
-    if not path.exists():
-        raise UserError(f"--resume: {opts.out} holds no run (no config.json); drop --resume")
-    stored = config_from_dict(json.loads(path.read_text())["config"])
-    if config is not None and config != stored:
-        a, b = flatten(config.to_dict()), flatten(stored.to_dict())
-        diff = ", ".join(f"{k}={a[k]!r} (run has {b[k]!r})" for k in a if a[k] != b[k])
-        raise UserError(f"--resume: the given settings differ from the run's: {diff}")
-    return validate(stored)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
-def open_run(config: Config, opts: RunOptions) -> RunFolder:
-    """Create the run folder (or reopen it to resume) once the inputs are known to be good,
-    so that bad input never leaves a half-made run behind."""
-    run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
-    if not opts.resume:
-        run.write_config(
-            config.to_dict(),
-            {"device": opts.device, "bf16": opts.bf16, "data_dir": opts.data_dir},
-        )
-    return run
 
 
 def make_batch(
@@ -149,7 +86,7 @@ def build_model(config: Config, device: torch.device) -> Selfie:
 
 def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     """Pretrain P and A on the training images (labels unused); returns the summary."""
-    config = resolve_config(config, opts)
+    config, _ = resolve_config(config, opts)
     device = resolve_device(opts.device)
     train = load_dataset(
         config.data.dataset, "train", opts.data_dir, config.data.image_size, opts.download

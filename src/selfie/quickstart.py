@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from selfie.config import get_preset
-from selfie.pretrain import RunOptions, pretrain
-from selfie.runfolder import RunFolder
+from selfie.pretrain import pretrain
+from selfie.runfolder import RunFolder, RunOptions
 
 
 def quickstart(out: Path, bf16: bool = False) -> None:

@@ -8,10 +8,12 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selfie.config import Config, config_from_dict, validate
 from selfie.errors import UserError
 
 
@@ -107,3 +109,55 @@ class RunFolder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How and where to run, as opposed to what (the Config)."""
+
+    out: Path
+    data_dir: str | None = None
+    device: str = "auto"
+    bf16: bool = False
+    resume: bool = False
+    force: bool = False
+    download: bool = False
+    progress: bool = True
+
+
+def resolve_config(config: Config | None, opts: RunOptions) -> tuple[Config, dict[str, Any]]:
+    """The config to run, and the stored "run" section when resuming. With --resume the
+    config is the run's own: a given config must equal it."""
+    if not opts.resume:
+        if config is None:
+            raise UserError("--preset is required (see `selfie presets`)")
+        return validate(config), {}
+    path = Path(opts.out) / "config.json"
+    if not path.exists():
+        raise UserError(f"--resume: {opts.out} holds no run (no config.json); drop --resume")
+    saved = json.loads(path.read_text())
+    stored = config_from_dict(saved["config"])
+    if config is not None and config != stored:
+        a, b = flatten(config.to_dict()), flatten(stored.to_dict())
+        diff = ", ".join(f"{k}={a[k]!r} (run has {b[k]!r})" for k in a if a[k] != b[k])
+        raise UserError(f"--resume: the given settings differ from the run's: {diff}")
+    return validate(stored), saved.get("run", {})
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def open_run(config: Config, opts: RunOptions, extra: dict[str, Any] | None = None) -> RunFolder:
+    """Create the run folder (or reopen it to resume) once the inputs are known to be good,
+    so that bad input never leaves a half-made run behind. `extra` joins the "run" section."""
+    run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
+    if not opts.resume:
+        run.write_config(
+            config.to_dict(),
+            {"device": opts.device, "bf16": opts.bf16, "data_dir": opts.data_dir, **(extra or {})},
+        )
+    return run

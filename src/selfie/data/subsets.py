@@ -1,0 +1,192 @@
+"""Labelled subsets of the training set (SPEC 5): class-balanced, seeded, saved as JSON.
+
+An *amount* of labelled data is either a fraction of the training set (float in (0, 1]) or a
+number of images per class (int >= 1). Both become a per-class count, so every subset is
+class-balanced (SPEC 7): CIFAR-10 at 8% is 400 images of each of the 10 classes.
+
+Index tensors are int64 (K,) positions into the full training split, always sorted, so a
+subset saved with the results can be compared by eye and reloaded exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from selfie.data.sampler import derive_seed
+from selfie.errors import UserError
+
+# Random streams of derive_seed(seed, stream): 1 is the epoch order (sampler.py).
+SUBSET_STREAM = 3
+VALIDATION_STREAM = 4
+
+_COUNT = re.compile(r"\d+")
+_FRACTION = re.compile(r"\d*\.\d+|\d+\.\d*")
+_PERCENT = re.compile(r"(\d*\.\d+|\d+\.?\d*)%")
+_FORMS = (
+    'a fraction in (0, 1] such as "0.08" or "1.0", a percentage such as "5%", '
+    'or a whole number of images per class such as "400"'
+)
+
+
+def parse_amount(text: str) -> float | int:
+    """ "0.08", "1.0", "5%" -> fraction (float); "400" -> images per class (int)."""
+    s = text.strip()
+    if _COUNT.fullmatch(s):
+        count = int(s)
+        if count < 1:
+            raise UserError(f"labelled amount {text!r} is zero images per class; use {_FORMS}")
+        return count
+    if _PERCENT.fullmatch(s):
+        fraction = float(s[:-1]) / 100
+    elif _FRACTION.fullmatch(s):
+        fraction = float(s)
+    else:
+        raise UserError(f"cannot read labelled amount {text!r}; use {_FORMS}")
+    if not 0 < fraction <= 1:
+        raise UserError(f"labelled amount {text!r} is outside (0, 1]; use {_FORMS}")
+    return fraction
+
+
+def amount_label(amount: float | int) -> str:
+    """A filesystem-safe name: 0.08 -> "frac0.08", 1.0 -> "frac1", 400 -> "400pc"."""
+    if isinstance(amount, int):
+        return f"{amount}pc"
+    return f"frac{amount:.10g}"
+
+
+def _class_sizes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class, int64 (num_classes,), after checking every label is a class."""
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        bad = low if low < 0 else high
+        if low < 0 or high >= num_classes:
+            raise UserError(
+                f"label {bad} is outside 0..{num_classes - 1} for {num_classes} classes; "
+                "check the dataset's labels or num_classes"
+            )
+    return torch.bincount(labels.long(), minlength=num_classes)
+
+
+def per_class_count(labels: torch.Tensor, amount: float | int, num_classes: int) -> int:
+    """Images to draw from each class. A fraction applies to the smallest class, so the
+    subset stays balanced: CIFAR-10 (5,000 per class) at 5% -> 250, 8% -> 400, 100% -> 5000."""
+    sizes = _class_sizes(labels, num_classes)
+    smallest = int(sizes.argmin())
+    size = int(sizes[smallest])
+    if isinstance(amount, int):
+        count = amount
+        if count > size:
+            raise UserError(
+                f"{count} labelled images per class asked for, but class {smallest} has only "
+                f"{size} images; ask for at most {size} per class"
+            )
+    else:
+        count = round(amount * size)
+        if count < 1:
+            raise UserError(
+                f"labelled fraction {amount:g} of the smallest class (class {smallest}, "
+                f"{size} images) is no image at all; ask for a larger fraction"
+            )
+    return count
+
+
+def _first_per_class(labels: torch.Tensor, take: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Positions of `take[c]` uniformly drawn items of each class c, sorted.
+
+    labels: int64 (N,) in 0..C-1; take: int64 (C,), take[c] <= size of class c.
+    One random permutation, then a stable sort by label: within each class the order is a
+    uniform permutation of that class, and its first take[c] items are a uniform draw
+    without replacement. Vectorised over images; nothing loops over classes either.
+    """
+    n = labels.numel()
+    perm = torch.randperm(n, generator=g)
+    sorted_labels, order = torch.sort(labels[perm], stable=True)
+    grouped = perm[order]  # (N,) positions, grouped by class, random within a class
+    sizes = torch.bincount(labels, minlength=take.numel())
+    starts = torch.cumsum(sizes, 0) - sizes  # (C,) where each class begins in `grouped`
+    rank = torch.arange(n) - starts[sorted_labels]  # (N,) rank within its class
+    chosen = grouped[rank < take[sorted_labels]]
+    return torch.sort(chosen).values
+
+
+def balanced_subset(
+    labels: torch.Tensor, amount: float | int, num_classes: int, seed: int
+) -> torch.Tensor:
+    """Sorted int64 indices into `labels`: per_class_count images of every class."""
+    count = per_class_count(labels, amount, num_classes)
+    g = torch.Generator().manual_seed(derive_seed(seed, SUBSET_STREAM))
+    take = torch.full((num_classes,), count, dtype=torch.int64)
+    return _first_per_class(labels.long(), take, g)
+
+
+def split_validation(
+    labels: torch.Tensor, indices: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tuning split (SPEC 5): hold out round(fraction * n_c) images of each class c in
+    `indices` (at least one when fraction > 0, never the whole class).
+
+    Returns (train_indices, val_indices): sorted, disjoint, their union is `indices`.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"validation fraction {fraction:g} is outside [0, 1); use e.g. 0.1")
+    indices = indices.long()
+    if torch.unique(indices).numel() != indices.numel():
+        raise ValueError("indices contain duplicates")
+    sub_labels = labels[indices].long()
+    if sub_labels.numel() and int(sub_labels.min()) < 0:
+        raise UserError(f"label {int(sub_labels.min())} is negative; labels must be 0..C-1")
+    sizes = torch.bincount(sub_labels)  # (C,) images of each class in the subset
+    held = _held_out_counts(sizes, fraction)
+    g = torch.Generator().manual_seed(derive_seed(seed, VALIDATION_STREAM))
+    val_mask = torch.zeros(indices.numel(), dtype=torch.bool)
+    val_mask[_first_per_class(sub_labels, held, g)] = True
+    return torch.sort(indices[~val_mask]).values, torch.sort(indices[val_mask]).values
+
+
+def _held_out_counts(sizes: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Validation images per class, int64 (C,); 0 for classes absent from the subset."""
+    if fraction == 0:
+        return torch.zeros_like(sizes)
+    present = sizes > 0
+    too_small = torch.nonzero(present & (sizes < 2)).flatten()
+    if too_small.numel():
+        c = int(too_small[0])
+        raise UserError(
+            f"class {c} has only {int(sizes[c])} labelled image; a validation split needs at "
+            "least 2 per class (one to train on, one to validate); use more labelled data"
+        )
+    # torch.round rounds half to even, like Python's round.
+    held = torch.round(sizes.double() * fraction).long().clamp(min=1)
+    held = torch.minimum(held, sizes - 1)
+    return torch.where(present, held, torch.zeros_like(held))
+
+
+def save_indices(path: Path, **arrays: torch.Tensor) -> None:
+    """Write {name: [int, ...]} as JSON, one list per line; atomic, like runfolder.write_json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"  {json.dumps(name)}: {json.dumps(t.long().tolist())}" for name, t in arrays.items()]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    os.replace(tmp, path)
+
+
+def load_indices(path: Path) -> dict[str, torch.Tensor]:
+    """Read what save_indices wrote: {name: int64 (K,)}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"index file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"index file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(i, int) for i in v) for v in data.values()
+    ):
+        raise UserError(f"index file {path} must hold {{name: [int, ...]}}")
+    return {name: torch.tensor(v, dtype=torch.int64) for name, v in data.items()}

@@ -1,0 +1,180 @@
+"""Finetuning on a labelled subset, from Selfie-pretrained weights or from scratch (SPEC 2, 4, 5).
+
+The test split is loaded only after training, for the final evaluation, and only by runs
+that train on the whole labelled subset. Tuning runs (`validation=True`) hold out 10% of
+the subset and report `val_acc`; they never load the test split at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfie.checkpoint import export_safetensors, load_weights
+from selfie.config import Config
+from selfie.data import load_dataset
+from selfie.data.augment import channel_stats, normalize, pad_crop_flip
+from selfie.data.sampler import EpochSampler, step_generator
+from selfie.data.subsets import (
+    balanced_subset,
+    per_class_count,
+    save_indices,
+    split_validation,
+)
+from selfie.device import resolve_device
+from selfie.engine import StepResult, TrainLoop
+from selfie.errors import UserError
+from selfie.losses import top1_accuracy
+from selfie.models.classifier import HEADS, build_classifier, transfer_pretrained
+from selfie.optim import lr_at, make_sgd
+from selfie.runfolder import RunOptions, open_run, resolve_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What one finetuning run trains: which labels, which head, from which weights."""
+
+    labels: float | int  # a fraction of each class, or images per class (see subsets)
+    head: str = "resnet50"
+    init: str | None = None  # pretrained weights (run folder, .safetensors or .pt); None: scratch
+    validation: bool = False  # hold out finetune.val_fraction of the subset; report val_acc
+
+    @property
+    def arm(self) -> str:
+        return "scratch" if self.init is None else "pretrained"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    bf16: bool = False,
+    batch_size: int = 500,
+) -> float:
+    """Top-1 accuracy in eval mode; images uint8 (N, C, H, W) and labels (N,) on the device."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size], mean, std)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(images))
+
+
+def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions) -> dict[str, Any]:
+    """Train a classifier on the labelled subset; returns the summary (also in summary.json).
+
+    With opts.resume, `config` and `spec` may be None: the run's own are used.
+    """
+    config, stored = resolve_config(config, opts)
+    if opts.resume:
+        spec = FinetuneSpec(**stored["finetune"])
+    if spec is None:
+        raise UserError("finetune needs --labels and --init or --scratch")
+    if spec.head not in HEADS:
+        raise UserError(f"unknown head '{spec.head}'; choose one of: {', '.join(HEADS)}")
+    f, d = config.finetune, config.data
+    device = resolve_device(opts.device)
+    train = load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download)
+
+    subset = balanced_subset(train.labels, spec.labels, d.num_classes, f.subset_seed)
+    per_class = per_class_count(train.labels, spec.labels, d.num_classes)
+    train_idx, val_idx = (
+        split_validation(train.labels, subset, f.val_fraction, f.subset_seed)
+        if spec.validation
+        else (subset, subset[:0])
+    )
+    batch_size = min(f.batch_size, len(train_idx))
+    if batch_size < f.batch_size:
+        log.warning("batch size lowered to %d, the number of labelled images", batch_size)
+
+    torch.manual_seed(f.seed)  # the scratch arm's initialisation depends on the seed too
+    model = build_classifier(config, spec.head)
+    if spec.init is not None:
+        transfer_pretrained(model, spec.head, load_weights(spec.init), str(spec.init))
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    run = open_run(config, opts, {"finetune": asdict(spec)})
+    save_indices(run.path / "subset.json", train=train_idx, val=val_idx)
+
+    images = train.images.to(device)
+    labels = train.labels.to(device)
+    mean, std = (t.to(device) for t in channel_stats(train.images))
+    train_idx_dev = train_idx.to(device)
+    sampler = EpochSampler(len(train_idx), batch_size, f.seed)
+
+    def step_fn(step: int) -> StepResult:
+        g = step_generator(f.seed, step, device)
+        idx = train_idx_dev[sampler.batch(step).to(device)]
+        x = pad_crop_flip(images[idx], d.pad, d.flip, g)
+        x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        y = labels[idx]
+        return StepResult(F.cross_entropy(logits.float(), y), {"acc": top1_accuracy(logits, y)})
+
+    loop = TrainLoop(
+        model=model,
+        optimizer=make_sgd(model, f.lr, f.momentum, f.weight_decay),
+        step_fn=step_fn,
+        lr_fn=lambda s: lr_at(s, f.lr, f.warmup_steps, f.steps),
+        steps=f.steps,
+        batch_size=batch_size,
+        run=run,
+        log_every=f.log_every,
+        checkpoint_every=f.checkpoint_every,
+        kind="finetune",
+        config=config.to_dict(),
+        device=device,
+        bf16=opts.bf16,
+        progress=opts.progress,
+    )
+    start = loop.restore() if opts.resume else 0
+    t0 = time.perf_counter()
+    last = loop.run_steps(start)
+    seconds = time.perf_counter() - t0
+    export_safetensors(model, run.path / "model.safetensors")
+
+    summary: dict[str, Any] = {
+        "kind": "finetune",
+        "preset": config.name,
+        **asdict(spec),
+        "arm": spec.arm,
+        "seed": f.seed,
+        "lr": f.lr,
+        "steps": f.steps,
+        "labelled_per_class": per_class,
+        "train_images": len(train_idx),
+        "fraction": len(subset) / len(train),
+        "final_loss": last.get("loss"),
+        "final_train_acc": last.get("acc"),
+        "train_seconds_this_session": seconds,
+        "device": str(device),
+        "bf16": opts.bf16,
+    }
+    if spec.validation:
+        summary["val_images"] = len(val_idx)
+        summary["val_acc"] = evaluate(
+            model, images[val_idx.to(device)], labels[val_idx.to(device)], mean, std, opts.bf16
+        )
+    else:
+        # The test split's first use: after training, for the final figure only.
+        test = load_dataset(d.dataset, "test", opts.data_dir, d.image_size)
+        summary["test_acc"] = evaluate(
+            model, test.images.to(device), test.labels.to(device), mean, std, opts.bf16
+        )
+    run.write_summary(summary)
+    return summary

@@ -1,0 +1,316 @@
+"""The paper's Table 1, Table 2 and Figure 4 from finetuning results (SPEC 5-6).
+
+A result row is one finetuning run: {"head", "labels", "fraction", "arm", "seed", "test_acc"}
+plus optional "lr", "val_acc", "run". Rows are grouped into one `Cell` per (head, labels):
+the test accuracies of the scratch and pretrained arms, in percent, with the statistics the
+paper reports (mean ± sample std over seeds) and two it only implies (the std ratio behind
+"std 3x lower", and Welch's t-test for whether the difference is more than seed noise).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullLocator
+
+from selfie.errors import UserError
+
+ARMS = ("scratch", "pretrained")
+ARM_NAMES = {"scratch": "supervised (scratch)", "pretrained": "Selfie pretrained"}
+HEAD_ORDER = ("resnet50", "attention")
+HEAD_NAMES = {"resnet50": "ResNet-50", "attention": "ResNet-36 + attention pooling"}
+REQUIRED_KEYS = ("head", "labels", "fraction", "arm", "seed", "test_acc")
+DASH = "—"
+
+
+def read_results(path: Path) -> list[dict]:
+    """One dict per non-blank line of results.jsonl."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            rows.append(_parse_row(line, path, number))
+    if not rows:
+        raise UserError(f"no results yet in {path}; run some finetuning experiments first")
+    return rows
+
+
+def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{path} line {number} is not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise UserError(f"{path} line {number} lacks {', '.join(missing)}")
+    if row["arm"] not in ARMS:
+        raise UserError(f"{path} line {number}: arm {row['arm']!r} is not one of {ARMS}")
+    return row
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _std(values: list[float]) -> float:
+    # Sample std (ddof=1), as papers report over seeds; undefined for a single run.
+    return float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (head, labels) row of Table 1; accuracies in percent, one entry per seed."""
+
+    head: str
+    labels: str
+    fraction: float
+    scratch: list[float]
+    pretrained: list[float]
+
+    @property
+    def scratch_mean(self) -> float:
+        return _mean(self.scratch)
+
+    @property
+    def scratch_std(self) -> float:
+        return _std(self.scratch)
+
+    @property
+    def pretrained_mean(self) -> float:
+        return _mean(self.pretrained)
+
+    @property
+    def pretrained_std(self) -> float:
+        return _std(self.pretrained)
+
+    @property
+    def difference(self) -> float:
+        return self.pretrained_mean - self.scratch_mean
+
+    @property
+    def std_ratio(self) -> float:
+        """How many times less the pretrained arm varies across seeds (paper: "3x lower")."""
+        a, b = self.scratch_std, self.pretrained_std
+        return a / b if b > 0 and not math.isnan(a) else math.nan
+
+    @property
+    def p_value(self) -> float:
+        """Welch's two-sided t-test: the arms need not share a variance (pretraining lowers it)."""
+        if len(self.scratch) < 2 or len(self.pretrained) < 2:
+            return math.nan
+        if self.scratch_std == 0 and self.pretrained_std == 0:
+            return math.nan  # t is 0/0; scipy would warn and return nan anyway
+        from scipy import stats  # scipy takes ~0.5 s to import; only the report needs it
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_ind(self.pretrained, self.scratch, equal_var=False)
+        return float(result.pvalue)
+
+
+def _head_key(head: str) -> tuple[int, str]:
+    return (HEAD_ORDER.index(head) if head in HEAD_ORDER else len(HEAD_ORDER), head)
+
+
+def summarize(rows: Iterable[dict]) -> list[Cell]:
+    """Cells sorted by head (ResNet-50 first), then labelled fraction.
+
+    A repeated (head, labels, arm, seed) keeps its last row, so rerunning a seed replaces
+    its result instead of counting it twice.
+    """
+    latest: dict[tuple[str, str, str, int], dict] = {}
+    for row in rows:
+        if row["arm"] not in ARMS:
+            raise UserError(f"result arm {row['arm']!r} is not one of {ARMS}")
+        latest[(row["head"], row["labels"], row["arm"], int(row["seed"]))] = row
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for (head, labels, arm, _seed), row in latest.items():
+        group = groups.setdefault((head, labels), {"fraction": float(row["fraction"])})
+        group.setdefault(arm, []).append(100.0 * float(row["test_acc"]))
+    cells = [
+        Cell(head, labels, g["fraction"], g.get("scratch", []), g.get("pretrained", []))
+        for (head, labels), g in groups.items()
+    ]
+    return sorted(cells, key=lambda c: (_head_key(c.head), c.fraction, c.labels))
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def _mean_std(mean: float, std: float) -> str:
+    """ "75.9 ± 0.7"; a lone run has no std, so just "75.9"; no runs at all: a dash."""
+    if math.isnan(mean):
+        return DASH
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _signed(value: float) -> str:
+    return DASH if math.isnan(value) else f"{value:+.1f}"
+
+
+def _ratio(value: float) -> str:
+    return DASH if math.isnan(value) else f"{value:.1f}"
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return DASH
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def _labelled(cell: Cell) -> str:
+    """ "8%" for a fraction; "400/class (8%)" for a per-class count."""
+    if cell.labels.startswith("frac"):
+        return _percent(cell.fraction)
+    if cell.labels.endswith("pc"):
+        return f"{cell.labels[:-2]}/class ({_percent(cell.fraction)})"
+    return cell.labels
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown(cells: list[Cell], head: str = "resnet50") -> str:
+    """Table 1 for one head: test accuracy (%), mean ± sample std over seeds."""
+    header = ["labelled", "n", ARM_NAMES["scratch"], ARM_NAMES["pretrained"]]
+    header += ["difference", "std ratio", "Welch p"]
+    rows = [
+        [
+            _labelled(c),
+            f"{len(c.scratch)}/{len(c.pretrained)}",
+            _mean_std(c.scratch_mean, c.scratch_std),
+            _mean_std(c.pretrained_mean, c.pretrained_std),
+            _signed(c.difference),
+            _ratio(c.std_ratio),
+            _p(c.p_value),
+        ]
+        for c in cells
+        if c.head == head
+    ]
+    return _markdown(header, rows)
+
+
+CSV_COLUMNS = [
+    "head",
+    "labels",
+    "fraction",
+    "n_scratch",
+    "n_pretrained",
+    "scratch_mean",
+    "scratch_std",
+    "pretrained_mean",
+    "pretrained_std",
+    "difference",
+    "std_ratio",
+    "p_value",
+]
+
+
+def table_csv(cells: list[Cell]) -> str:
+    """Every cell of every head, unrounded; undefined statistics are written as nan."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in cells:
+        values = [c.head, c.labels, c.fraction, len(c.scratch), len(c.pretrained)]
+        values += [c.scratch_mean, c.scratch_std, c.pretrained_mean, c.pretrained_std]
+        values += [c.difference, c.std_ratio, c.p_value]
+        writer.writerow([repr(v) if isinstance(v, float) else v for v in values])
+    return out.getvalue()
+
+
+def table2_markdown(cells: list[Cell]) -> str:
+    """Table 2: both heads pretrained, for each labelled amount run with both."""
+    by_head = {h: {c.labels: c for c in cells if c.head == h and c.pretrained} for h in HEAD_ORDER}
+    shared = [c for c in by_head["resnet50"].values() if c.labels in by_head["attention"]]
+    header = ["labelled", f"{HEAD_NAMES['resnet50']} (pretrained)"]
+    header += [f"{HEAD_NAMES['attention']} (pretrained)", "difference (attention - ResNet-50)"]
+    rows = []
+    for resnet in shared:
+        attention = by_head["attention"][resnet.labels]
+        rows.append(
+            [
+                _labelled(resnet),
+                _mean_std(resnet.pretrained_mean, resnet.pretrained_std),
+                _mean_std(attention.pretrained_mean, attention.pretrained_std),
+                _signed(attention.pretrained_mean - resnet.pretrained_mean),
+            ]
+        )
+    return _markdown(header, rows)
+
+
+# --- figure ---------------------------------------------------------------------------------
+
+
+def figure(cells: list[Cell], path: Path, head: str = "resnet50") -> None:
+    """Figure 4: test accuracy (%) against labelled fraction, both arms, ± sample std."""
+    mine = [c for c in cells if c.head == head]
+    if not mine:
+        raise UserError(f"no results for head {head!r} to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # Nudge the arms apart (multiplicatively, the axis is log) so error bars do not overlap.
+    for arm, nudge, marker in (("scratch", 0.97, "o"), ("pretrained", 1.03, "s")):
+        points = [c for c in mine if getattr(c, arm)]
+        means = [getattr(c, f"{arm}_mean") for c in points]
+        stds = [np.nan_to_num(getattr(c, f"{arm}_std")) for c in points]
+        xs = [c.fraction * nudge for c in points]
+        ax.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=ARM_NAMES[arm])
+    fractions = sorted({c.fraction for c in mine})
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [_percent(f) for f in fractions])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="labelled fraction of the training set", ylabel="test accuracy (%)")
+    ax.set_title(f"{HEAD_NAMES.get(head, head)}: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table_md(cells: list[Cell]) -> str:
+    heads = sorted({c.head for c in cells}, key=_head_key)
+    parts = ["# Results\n", "Test accuracy (%), mean ± sample std over seeds; n = runs per arm.\n"]
+    for head in heads:
+        parts += [f"## Table 1: {HEAD_NAMES.get(head, head)}\n", table_markdown(cells, head)]
+    if all(h in heads for h in HEAD_ORDER):
+        parts += ["## Table 2: pretrained heads compared\n", table2_markdown(cells)]
+    return "\n".join(parts)
+
+
+def write_report(results_path: Path, out_dir: Path) -> list[Cell]:
+    """results.jsonl -> out_dir/{table.md, table.csv, figure.png}. The figure shows
+    ResNet-50 when it has results, otherwise the first head that does."""
+    cells = summarize(read_results(results_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(_table_md(cells))
+    (out_dir / "table.csv").write_text(table_csv(cells))
+    figure(cells, out_dir / "figure.png", head=cells[0].head)
+    return cells
