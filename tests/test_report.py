@@ -131,8 +131,8 @@ def test_table_csv_parses_back() -> None:
 def test_table2_markdown() -> None:
     table = table2_markdown(summarize(sample_rows()))
     lines = table.strip().splitlines()
-    assert "ResNet-36 + attention pooling" in lines[0]
-    assert "difference (attention - ResNet-50)" in lines[0]
+    assert "P + attention pooling" in lines[0]
+    assert "difference (attention - whole ResNet)" in lines[0]
     assert len(lines) == 3  # only 8% has both heads
     assert lines[2] == "| 8% | 80.5 ± 0.5 | 75.5 ± 0.7 | -5.0 |"
 
@@ -156,7 +156,7 @@ def test_write_report(tmp_path: Path) -> None:
     for name in ("table.md", "table.csv", "figure.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     text = (tmp_path / "report" / "table.md").read_text()
-    assert "Table 1: ResNet-50" in text and "Table 2" in text
+    assert "Table 1: whole ResNet" in text and "Table 2" in text
     assert "80.0 ± 1.0" in text
 
 

@@ -78,7 +78,8 @@ class TrainLoop:
         self.window_count = int(state["log_window"]["count"])
         step = int(state["step"])
         # A line logged at a checkpoint that ended a run early is not one the longer run has.
-        self.run.truncate_metrics(step if step % self.log_every == 0 else step - 1)
+        at_log = step % self.log_every == 0 or step == self.steps
+        self.run.truncate_metrics(step if at_log else step - 1)
         log.info("resumed from %s at step %d", found[-1], step)
         return step
 
@@ -92,7 +93,9 @@ class TrainLoop:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        window_start, timed_steps, last = time.perf_counter(), 0, {}
+        # A run resumed from its final checkpoint trains no step: its last record stands.
+        last: dict[str, float] = (self.run.metrics()[-1:] or [{}])[0]
+        window_start, timed_steps = time.perf_counter(), 0
         for step in range(start_step, self.steps):
             lr = self.lr_fn(step)
             for group in self.optimizer.param_groups:

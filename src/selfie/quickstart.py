@@ -45,9 +45,7 @@ def quickstart(out: Path, bf16: bool = False) -> None:
     shown += [] if shown[-1] is records[-1] else records[-1:]
     for r in shown:
         print(f"{r['step']:>6}  {r['loss']:>6.3f}  {r['pretext_acc']:>11.3f}")
-    print(
-        f"held-out digits: {summary['heldout_pretext_acc']:.3f}; curve: {pre / 'pretext.png'}\n"
-    )
+    print(f"held-out digits: {summary['heldout_pretext_acc']:.3f}; curve: {pre / 'pretext.png'}\n")
     print("Finetuning: test accuracy (%), mean ± std over seeds")
     print(table_markdown(cells))
     print(f"Figure: {out / 'figure.png'}\nEverything: {out}")

@@ -31,7 +31,11 @@ from selfie.errors import UserError
 ARMS = ("scratch", "pretrained")
 ARM_NAMES = {"scratch": "supervised (scratch)", "pretrained": "Selfie pretrained"}
 HEAD_ORDER = ("resnet50", "attention")
-HEAD_NAMES = {"resnet50": "ResNet-50", "attention": "ResNet-36 + attention pooling"}
+# The paper's names; at paper size the whole ResNet is a ResNet-50 and P a "ResNet-36".
+HEAD_NAMES = {
+    "resnet50": "whole ResNet (ResNet-50 at paper size)",
+    "attention": "P + attention pooling (ResNet-36 + A at paper size)",
+}
 REQUIRED_KEYS = ("head", "labels", "fraction", "arm", "seed", "test_acc")
 DASH = "—"
 
@@ -250,7 +254,7 @@ def table2_markdown(cells: list[Cell]) -> str:
     by_head = {h: {c.labels: c for c in cells if c.head == h and c.pretrained} for h in HEAD_ORDER}
     shared = [c for c in by_head["resnet50"].values() if c.labels in by_head["attention"]]
     header = ["labelled", f"{HEAD_NAMES['resnet50']} (pretrained)"]
-    header += [f"{HEAD_NAMES['attention']} (pretrained)", "difference (attention - ResNet-50)"]
+    header += [f"{HEAD_NAMES['attention']} (pretrained)", "difference (attention - whole ResNet)"]
     rows = []
     for resnet in shared:
         attention = by_head["attention"][resnet.labels]

@@ -1,0 +1,311 @@
+"""`selfie experiment` and `selfie report` on the tiny preset: the protocol's files, LR tuning
+by validation accuracy, resuming, reused weights, re-rendering and refusing mixed settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfie import cli
+from selfie.report import CSV_COLUMNS
+
+# 2 heads x 2 labelled amounts x 2 arms, each tuned over the tiny grid (0.02, 0.05) and then
+# run with 2 seeds. Four finetuning steps with a checkpoint every two, so a run can be cut
+# between its checkpoints.
+ARGS = [
+    "experiment",
+    "--preset",
+    "tiny",
+    "--labels",
+    "3,0.05",
+    "--seeds",
+    "2",
+    "--tune",
+    "--heads",
+    "resnet50,attention",
+    "--set",
+    "pretrain.steps=2",
+    "--set",
+    "finetune.steps=4",
+    "--set",
+    "finetune.checkpoint_every=2",
+]
+RESULT_KEYS = {"head", "labels", "fraction", "arm", "seed", "lr", "test_acc", "run"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core CPU: intra-op threads cost more than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(["-q", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    """One finished experiment folder; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("experiment") / "exp"
+    assert cli.main(["-q", *ARGS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list[Path]]:
+    """Count the runs the experiment starts: the folders passed to finetune and pretrain,
+    and (in "resumed") the finetuning runs it continued rather than started afresh."""
+    import selfie.experiment
+
+    seen: dict[str, list[Path]] = {"finetune": [], "pretrain": [], "resumed": []}
+    real_finetune, real_pretrain = selfie.experiment.finetune, selfie.experiment.pretrain
+
+    def finetune(config, spec, opts):
+        seen["finetune"].append(Path(opts.out))
+        if opts.resume:
+            seen["resumed"].append(Path(opts.out))
+        return real_finetune(config, spec, opts)
+
+    def pretrain(config, opts):
+        seen["pretrain"].append(Path(opts.out))
+        return real_pretrain(config, opts)
+
+    monkeypatch.setattr(selfie.experiment, "finetune", finetune)
+    monkeypatch.setattr(selfie.experiment, "pretrain", pretrain)
+    return seen
+
+
+def test_experiment_writes_results_tuning_and_report(experiment: Path):
+    """16 final runs and 16 tuning runs are recorded; table, csv, figure and plan are written."""
+    rows = read_lines(experiment / "results.jsonl")
+    assert len(rows) == 16
+    assert all(set(r) == RESULT_KEYS for r in rows)
+    cells = {(r["head"], r["labels"], r["arm"], r["seed"]) for r in rows}
+    assert cells == {
+        (h, a, arm, s)
+        for h in ("resnet50", "attention")
+        for a in ("3pc", "frac0.05")
+        for arm in ("pretrained", "scratch")
+        for s in (0, 1)
+    }
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    for r in rows:
+        summary = json.loads((experiment / r["run"] / "summary.json").read_text())
+        assert summary["test_acc"] == r["test_acc"] and summary["seed"] == r["seed"]
+        assert summary["arm"] == r["arm"] and summary["head"] == r["head"]
+
+    tuning = read_lines(experiment / "tuning.jsonl")
+    assert len(tuning) == 16
+    assert {(t["head"], t["labels"], t["arm"], t["lr"]) for t in tuning} == {
+        (h, a, arm, lr)
+        for h in ("resnet50", "attention")
+        for a in ("3pc", "frac0.05")
+        for arm in ("pretrained", "scratch")
+        for lr in (0.02, 0.05)
+    }
+    assert all(0.0 <= t["val_acc"] <= 1.0 for t in tuning)
+
+    table = (experiment / "table.md").read_text()
+    assert "Table 1" in table and "Table 2" in table
+    csv_lines = (experiment / "table.csv").read_text().splitlines()
+    assert csv_lines[0].split(",") == CSV_COLUMNS and len(csv_lines) == 1 + 4
+    assert (experiment / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = json.loads((experiment / "experiment.json").read_text())
+    assert plan["plan"]["seeds"] == 2 and plan["plan"]["tune"] is True
+    assert plan["config"]["finetune"]["steps"] == 4
+    assert (experiment / "pretrain" / "model.safetensors").exists()
+
+
+def test_final_runs_use_the_best_validation_lr(experiment: Path):
+    """Each final run trains with the grid LR of best val_acc for its cell (tie: smaller LR)."""
+    tuning = read_lines(experiment / "tuning.jsonl")
+    for r in read_lines(experiment / "results.jsonl"):
+        scores = [
+            (t["val_acc"], t["lr"])
+            for t in tuning
+            if (t["head"], t["labels"], t["arm"]) == (r["head"], r["labels"], r["arm"])
+        ]
+        best = max(acc for acc, _ in scores)
+        assert r["lr"] == min(lr for acc, lr in scores if acc == best), r
+        config = json.loads((experiment / r["run"] / "config.json").read_text())
+        assert config["config"]["finetune"]["lr"] == r["lr"]
+        # Tuning runs validate on a held-out 10% and never see the test split.
+        tune_dir = experiment / "tune" / r["head"] / r["labels"] / r["arm"] / f"lr{r['lr']:g}"
+        tuned = json.loads((tune_dir / "summary.json").read_text())
+        assert tuned["validation"] is True and "test_acc" not in tuned
+
+
+def test_tuning_picks_best_val_lr_and_smaller_on_ties(tmp_path: Path, capsys, monkeypatch):
+    """With val_acc given per LR, the final runs use the best LR; a tie goes to the smaller."""
+    import selfie.experiment
+
+    val_acc = {  # (head, arm) -> {grid LR: val_acc}
+        ("resnet50", "scratch"): {0.01: 0.3, 0.02: 0.5, 0.05: 0.7},
+        ("resnet50", "pretrained"): {0.01: 0.2, 0.02: 0.6, 0.05: 0.6},
+        ("attention", "scratch"): {0.01: 0.9, 0.02: 0.1, 0.05: 0.9},
+        ("attention", "pretrained"): {0.01: 0.4, 0.02: 0.8, 0.05: 0.1},
+    }
+    best = {
+        ("resnet50", "scratch"): 0.05,
+        ("resnet50", "pretrained"): 0.02,
+        ("attention", "scratch"): 0.01,
+        ("attention", "pretrained"): 0.02,
+    }
+    used: list[tuple[str, str, bool, float]] = []
+
+    def fake_finetune(config, spec, opts):
+        f = config.finetune
+        used.append((spec.head, spec.arm, spec.validation, f.lr))
+        score = {"val_acc": val_acc[(spec.head, spec.arm)][f.lr]} if spec.validation else {}
+        return {"fraction": 0.1, "test_acc": 0.5, **score}
+
+    monkeypatch.setattr(selfie.experiment, "finetune", fake_finetune)
+    out = tmp_path / "exp"
+    code, _, err = run_cli(
+        [
+            *ARGS[:7],  # experiment --preset tiny --labels 3,0.05 --seeds 2
+            "--tune",
+            "--heads",
+            "resnet50,attention",
+            "--pretrained",
+            str(tmp_path / "weights"),
+            "--set",
+            "finetune.lr_grid=(0.01,0.02,0.05)",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = read_lines(out / "results.jsonl")
+    assert len(rows) == 16
+    for r in rows:
+        assert r["lr"] == best[(r["head"], r["arm"])], r
+    finals = [(h, arm, lr) for h, arm, validation, lr in used if not validation]
+    assert sorted(finals) == sorted((h, arm, lr) for (h, arm), lr in best.items() for _ in range(4))
+    assert len(read_lines(out / "tuning.jsonl")) == 2 * 2 * 2 * 3
+
+
+def test_experiment_resumes_only_unfinished_runs(experiment: Path, tmp_path: Path, calls):
+    """A rerun redoes nothing; after interruptions it reruns exactly the unfinished runs, and
+    the results are the same as those of the uninterrupted experiment."""
+    out = tmp_path / "exp"
+    shutil.copytree(experiment, out)
+    before = read_lines(out / "results.jsonl")
+
+    assert cli.main(["-q", *ARGS, "--out", str(out)]) == 0
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}
+    assert read_lines(out / "results.jsonl") == before
+
+    runs = out / "runs"
+    # Interrupted after its last checkpoint, before the summary.
+    after_last = runs / "resnet50" / "3pc" / "pretrained" / "seed0"
+    (after_last / "summary.json").unlink()
+    # Interrupted between its step-2 and step-4 checkpoints (attention: dropout draws too).
+    midway = runs / "attention" / "frac0.05" / "scratch" / "seed1"
+    final = torch.load(midway / "checkpoints" / "step_0000004.pt", weights_only=True)["model"]
+    (midway / "summary.json").unlink()
+    (midway / "checkpoints" / "step_0000004.pt").unlink()
+    # Interrupted before any checkpoint: only config.json (and perhaps metrics) remain.
+    unsaved = runs / "resnet50" / "frac0.05" / "scratch" / "seed1"
+    (unsaved / "summary.json").unlink()
+    shutil.rmtree(unsaved / "checkpoints")
+    assert (unsaved / "config.json").exists()
+
+    assert cli.main(["-q", *ARGS, "--out", str(out)]) == 0
+    assert sorted(calls["finetune"]) == sorted([after_last, midway, unsaved])
+    assert sorted(calls["resumed"]) == sorted([after_last, midway])  # unsaved starts over
+    assert calls["pretrain"] == []
+    assert read_lines(out / "results.jsonl") == before
+    for folder in (after_last, midway, unsaved):
+        steps = [r["step"] for r in read_lines(folder / "metrics.jsonl")]
+        assert steps == [2, 4], folder
+    again = torch.load(midway / "checkpoints" / "step_0000004.pt", weights_only=True)["model"]
+    for k in final:
+        torch.testing.assert_close(again[k], final[k], rtol=0, atol=1e-6)
+
+
+def test_experiment_with_pretrained_skips_pretraining(
+    experiment: Path, tmp_path: Path, capsys, calls
+):
+    """--pretrained reuses the given weights: nothing is pretrained, no pretrain/ folder."""
+    out = tmp_path / "exp"
+    weights = experiment / "pretrain"
+    code, stdout, err = run_cli(
+        [
+            "experiment",
+            "--preset",
+            "tiny",
+            "--labels",
+            "3",
+            "--seeds",
+            "1",
+            "--pretrained",
+            str(weights),
+            "--set",
+            "finetune.steps=1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert calls["pretrain"] == [] and len(calls["finetune"]) == 2
+    assert not (out / "pretrain").exists()
+    rows = read_lines(out / "results.jsonl")
+    assert sorted(r["arm"] for r in rows) == ["pretrained", "scratch"]
+    for r in rows:
+        run = json.loads((out / r["run"] / "config.json").read_text())["run"]["finetune"]
+        assert run["init"] == (str(weights) if r["arm"] == "pretrained" else None)
+    assert "3/class" in stdout
+
+
+def test_report_rerenders_from_results(experiment: Path, tmp_path: Path, capsys):
+    """`selfie report` rebuilds table.md, table.csv and figure.png from results.jsonl alone."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    shutil.copy(experiment / "results.jsonl", out / "results.jsonl")
+    code, stdout, err = run_cli(["report", str(out)], capsys)
+    assert code == 0, err
+    assert (out / "table.md").read_text() == (experiment / "table.md").read_text()
+    assert (out / "table.csv").read_text() == (experiment / "table.csv").read_text()
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Table 2" in stdout and (out / "table.md").read_text() in stdout
+
+
+def test_report_without_results_is_one_line_exit_2(tmp_path: Path, capsys):
+    """`selfie report` on a folder with no results.jsonl: exit 2, one line, nothing written."""
+    code, _, err = run_cli(["report", str(tmp_path)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("selfie: error:"), err
+    assert "results" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_experiment_refuses_other_settings_in_same_folder(
+    experiment: Path, tmp_path: Path, capsys, calls
+):
+    """An experiment folder belongs to one config: other --set values are refused, exit 2."""
+    out = tmp_path / "exp"
+    shutil.copytree(experiment, out, ignore=shutil.ignore_patterns("*.pt", "*.safetensors"))
+    plan = (out / "experiment.json").read_text()
+    code, _, err = run_cli([*ARGS, "--set", "finetune.lr=0.3", "--out", str(out)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "other settings" in lines[0], err
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}
+    assert (out / "experiment.json").read_text() == plan
