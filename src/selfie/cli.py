@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UserError as e:
         print(f"selfie: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

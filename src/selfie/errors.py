@@ -3,3 +3,5 @@
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
+
+    exit_code = 2
