@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfie.config import get_preset
 from selfie.data.augment import normalize, pad_crop_flip
+from selfie.device import place
 from selfie.losses import selfie_loss
 from selfie.models.classifier import build_classifier
 from selfie.models.selfie import Selfie
@@ -76,8 +77,8 @@ def main() -> None:
 
     x, vis, masked = batch()
     labels = torch.randint(0, d.num_classes, (b,))
-    selfie = Selfie(config).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    resnet = build_classifier(config, "resnet50").to(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    selfie, resnet = place(Selfie(config), cpu), place(build_classifier(config, "resnet50"), cpu)
     opt_s = make_sgd(selfie, 0.01, 0.9, 1e-4)
     opt_r = make_sgd(resnet, 0.01, 0.9, 1e-4)
 

@@ -27,7 +27,7 @@ from selfie.data.subsets import (
     save_indices,
     split_validation,
 )
-from selfie.device import resolve_device
+from selfie.device import place, resolve_device
 from selfie.engine import StepResult, TrainLoop
 from selfie.errors import UserError
 from selfie.losses import top1_accuracy
@@ -106,7 +106,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     model = build_classifier(config, spec.head)
     if spec.init is not None:
         transfer_pretrained(model, spec.head, load_weights(spec.init), str(spec.init))
-    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = place(model, device)
 
     run = open_run(config, opts, {"finetune": asdict(spec)})
     save_indices(run.path / "subset.json", train=train_idx, val=val_idx)

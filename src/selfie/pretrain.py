@@ -15,7 +15,7 @@ from selfie.config import Config
 from selfie.data import load_dataset
 from selfie.data.augment import channel_stats, normalize, pad_crop_flip
 from selfie.data.sampler import EpochSampler, step_generator
-from selfie.device import resolve_device
+from selfie.device import place, resolve_device
 from selfie.engine import StepResult, TrainLoop
 from selfie.errors import UserError
 from selfie.losses import selfie_loss, top1_accuracy
@@ -77,13 +77,6 @@ def pretext_accuracy(
     return correct / max(total, 1)
 
 
-def build_model(config: Config, device: torch.device) -> Selfie:
-    torch.manual_seed(config.pretrain.seed)
-    model = Selfie(config).to(device)
-    # torch's type stubs omit Module.to's memory_format keyword.
-    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-
 def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     """Pretrain P and A on the training images (labels unused); returns the summary."""
     config, _ = resolve_config(config, opts)
@@ -103,7 +96,8 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
 
     images = train.images.to(device)  # uint8, once; augmentation runs there, batched
     mean, std = (t.to(device) for t in channel_stats(train.images))
-    model = build_model(config, device)
+    torch.manual_seed(p.seed)
+    model = place(Selfie(config), device)
     optimizer = make_sgd(model, p.lr, p.momentum, p.weight_decay)
     sampler = EpochSampler(len(train), p.batch_size, p.seed)
     n, n_vis = config.data.num_patches, p.num_visible(config.data.num_patches)
