@@ -51,8 +51,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="dataset root; for CIFAR-10 the folder that holds cifar-10-batches-py/ "
-        "(default: data/cifar10); unused for the built-in digits",
+        help="dataset root: for cifar10 the folder that holds cifar-10-batches-py/ "
+        "(default: data/cifar10); for folder (--set data.dataset=folder) any folder of images, "
+        "class sub-folders giving labels; unused for the built-in digits",
     )
     p.add_argument("--download", action="store_true", help="fetch the dataset if missing")
     p.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: runs/...)")
@@ -170,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the main job on the built-in digits, no set-up")
     p.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: runs/...)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+
+    p = sub.add_parser("data", help="dataset tools: `selfie data check` verifies a dataset folder")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data_sub.add_parser(
+        "check",
+        help="verify a dataset folder: files, counts, shapes, known checksums",
+        description="Print a short report; with problems, print one line per problem on "
+        "stderr and exit 2. cifar10: every file present, md5 sums (official release or the "
+        "known rebuilt copy), safe unpickling, 10,000 rows of 3,072 uint8 per batch, labels "
+        "0..9, 5,000/1,000 per class. folder: layout, counts per class, files that do not "
+        "decode, image sizes.",
+    )
+    p.add_argument("--dataset", required=True, choices=("cifar10", "folder", "digits"))
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="cifar10: the folder that holds cifar-10-batches-py/ (default: data/cifar10); "
+        "folder: the folder of images (required)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="folder: decode at this size and count the images smaller than it (default 32)",
+    )
     return parser
 
 
@@ -295,6 +322,22 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(args.out or _default_out("quickstart", "digits"), bf16=args.bf16)
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    from selfie.data.check import check_dataset
+
+    # `data_command` is always "check", the one sub-command so far.
+    result = check_dataset(args.dataset, args.data_dir, args.image_size)
+    print("\n".join(result.report))
+    if result.problems:
+        for problem in result.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        raise UserError(
+            f"data check found {len(result.problems)} problem(s) in the {args.dataset} data; "
+            "see the lines above"
+        )
+    print("ok: no problems found")
+
+
 COMMANDS = {
     "pretrain": cmd_pretrain,
     "finetune": cmd_finetune,
@@ -303,6 +346,7 @@ COMMANDS = {
     "show-config": cmd_show_config,
     "presets": cmd_presets,
     "quickstart": cmd_quickstart,
+    "data": cmd_data,
 }
 
 

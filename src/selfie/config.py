@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"  # "cifar10" or "digits"
+    dataset: str = "cifar10"  # "cifar10", "digits" (built in) or "folder" (your own images)
     image_size: int = 32
     patch_size: int = 8  # SPEC 3: 8 px on 32-px images, 32 px on 224-px images
     pad: int = 4  # SPEC 3: zero-pad 4 then random crop (32-px images)

@@ -90,6 +90,11 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     f, d = config.finetune, config.data
     device = resolve_device(opts.device)
     train = load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download)
+    if len(train.classes) != d.num_classes:
+        raise UserError(
+            f"the data has {len(train.classes)} classes but data.num_classes is "
+            f"{d.num_classes}; add --set data.num_classes={len(train.classes)}"
+        )
 
     subset = balanced_subset(train.labels, spec.labels, d.num_classes, f.subset_seed)
     per_class = per_class_count(train.labels, spec.labels, d.num_classes)

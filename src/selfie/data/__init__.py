@@ -15,7 +15,7 @@ import torch
 
 from selfie.errors import UserError
 
-SUPPORTED_DATASETS = ("cifar10", "digits")
+SUPPORTED_DATASETS = ("cifar10", "digits", "folder")
 PLANNED_DATASETS = ("imagenet32", "imagenet224")
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIRS = {"cifar10": Path("data/cifar10")}
@@ -61,7 +61,8 @@ def load_dataset(
     """Load split "train" or "test" of dataset `name`, checking its images are image_size px.
 
     data_dir None means the dataset's default folder ("data/cifar10" for CIFAR-10); digits
-    ships inside scikit-learn and ignores data_dir and download.
+    ships inside scikit-learn and ignores data_dir and download. "folder" is any folder of
+    images (see `selfie.data.folder` for its rules); it needs data_dir and ignores download.
     """
     # Loaders are imported here, not at module top, so `import selfie.data` stays cheap
     # (scikit-learn takes about a second to import) and cifar10/digits can import ImageSet.
@@ -78,6 +79,15 @@ def load_dataset(
         from selfie.data.digits import load_digits
 
         data = load_digits(train=train, image_size=image_size)
+    elif name == "folder":
+        from selfie.data.folder import load_folder
+
+        if data_dir is None:
+            raise UserError(
+                "dataset 'folder' needs --data-dir DIR, the folder of images (one sub-folder "
+                "per class for labels; train/ and test/ sub-folders for fixed splits)"
+            )
+        data = load_folder(Path(data_dir), image_size=image_size, split=split)
     elif name in PLANNED_DATASETS:
         raise UserError(f"dataset {name!r} is not supported yet; use one of: {supported}")
     else:

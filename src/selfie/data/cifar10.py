@@ -69,7 +69,7 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
     return obj
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> images uint8 (n, 3, 32, 32) and labels int64 (n,)."""
     batch = _unpickle(path)
     if b"data" not in batch or b"labels" not in batch:
@@ -84,7 +84,7 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, SIDE, SIDE), labels.astype(np.int64)
 
 
-def _read_classes(path: Path) -> tuple[str, ...]:
+def read_classes(path: Path) -> tuple[str, ...]:
     meta = _unpickle(path)
     names = meta.get(b"label_names")
     if not isinstance(names, list) or len(names) != 10:
@@ -119,8 +119,8 @@ def load_cifar10(root: str | Path, train: bool, download: bool = False) -> Image
             f"holds {FOLDER}/, or add --download to fetch it (about 170 MB)"
         )
 
-    classes = _read_classes(folder / META_FILE)
-    batches = [_read_batch(folder / n) for n in names[:-1]]
+    classes = read_classes(folder / META_FILE)
+    batches = [read_batch(folder / n) for n in names[:-1]]
     images = torch.from_numpy(np.concatenate([b[0] for b in batches])).contiguous()
     labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
     return ImageSet(images=images, labels=labels, classes=classes)

@@ -1,0 +1,382 @@
+"""Any folder of images as an ImageSet (`--dataset folder --data-dir DIR`), decoded in parallel.
+
+The rules, in the order they apply:
+
+Files. Every file under the folder, at any depth, whose name ends in .png .jpg .jpeg .bmp
+.gif or .webp (any case). Names starting with "." (files and folders) are skipped, other
+files are ignored, and symlinked folders are not followed. Files are taken in sorted order
+of their path relative to the split folder, so the same folder always gives the same order.
+
+Splits. If the folder has a `train/` sub-folder, that is the training split and `test/` (or,
+failing that, `val/`) is the test split. Without `train/`, the whole folder is scanned (a
+`test/` or `val/` without `train/` is an error, since it would otherwise become a class).
+Where there is no test folder, the test split is held out of the training images: within
+each class, every 10th file in sorted order (the 10th, 20th, ...), so it never changes from
+run to run and the two splits never share a file. Pretraining reads the test split for its
+held-out pretext accuracy, so a plain folder of images works without any set-up.
+
+Labels. When every image of a split folder sits inside a first-level sub-folder, the sorted
+names of those sub-folders are the classes, and an image at any depth below takes the label
+of its first-level folder. Otherwise the split is unlabelled: one class "unlabelled", label 0
+(if class folders exist beside loose images, a warning says their labels were dropped).
+Test labels are looked up by name among the training split's classes.
+
+Pixels. The first frame of each file is decoded with Pillow, turned upright by its EXIF
+orientation, converted to RGB (palette via RGBA or RGB; greyscale repeated; CMYK by Pillow's
+conversion; 16-bit greyscale keeps its top 8 bits; any alpha is composited over black, so
+colours hidden under transparent pixels never reach the model), and the largest centred
+square is resized to image_size x image_size with Pillow's antialiased bilinear filter: the
+same as resizing the shorter side to image_size and centre-cropping, without rounding an
+intermediate size.
+
+Bad files. A file that does not decode, or whose header declares more than MAX_PIXELS pixels
+(a decompression bomb: a small file that would expand to gigabytes), is skipped; one logging
+warning gives the count and the first few files with the reason. If no file decodes, that is
+a UserError.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from selfie.data import ImageSet
+from selfie.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_PIXELS = 64_000_000  # 64 megapixels: an 8000x8000 photo passes, a bomb does not
+HOLD_OUT_EVERY = 10  # without a test folder, every 10th image of each class is a test image
+UNLABELLED = "unlabelled"
+SERIAL_BELOW = 256  # fewer images than this decode in-process: starting workers costs more
+CHUNK = 64  # images per worker task: 64 x 3 x 224 x 224 bytes is 9.6 MB to send back
+SHOWN = 5  # bad files named in the warning
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What `scan_folder` found: the files of each split with their labels, before decoding."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: dict[str, list[tuple[Path, int]]]  # split -> [(path, label)], in sorted order
+    split_folders: bool  # True when root holds train/ (and maybe test/ or val/)
+    held_out: bool  # True when the test split was held out of the training images
+    ignored: int  # files that are not images by their extension
+    notes: tuple[str, ...] = ()  # layout warnings, e.g. labels dropped
+
+
+@dataclass
+class Decoded:
+    """The result of `decode_images` over N files."""
+
+    images: np.ndarray  # uint8 (K, 3, S, S): the K files that decoded, in file order
+    ok: np.ndarray  # bool (N,): which files decoded
+    sizes: list[tuple[int, int] | None]  # (width, height) as stored, None if unreadable
+    errors: list[tuple[Path, str]] = field(default_factory=list)  # (file, why) for bad ones
+
+
+def _find_images(folder: Path) -> tuple[list[Path], int]:
+    """Image files under `folder` sorted by relative path, and the count of other files."""
+    found, ignored = [], 0
+    for here, dirs, files in os.walk(folder):  # followlinks=False: no symlink loops
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(EXTENSIONS):
+                found.append(Path(here) / name)
+            else:
+                ignored += 1
+    # Sort by path components, so "a/b.png" comes before "a-b.png" the way folders list.
+    found.sort(key=lambda p: p.relative_to(folder).parts)
+    return found, ignored
+
+
+def _class_names(folder: Path, paths: list[Path], notes: list[str]) -> list[str]:
+    """Each image's class: its first-level sub-folder, or UNLABELLED if any image is loose."""
+    rel = [p.relative_to(folder).parts for p in paths]
+    loose = sum(len(parts) == 1 for parts in rel)
+    if loose == 0:
+        return [parts[0] for parts in rel]
+    if loose < len(rel):
+        notes.append(
+            f"{folder} holds {loose} images directly beside class sub-folders, so its labels "
+            "were dropped (one class 'unlabelled'); move those images into a class folder "
+            "to keep the labels"
+        )
+    return [UNLABELLED] * len(rel)
+
+
+def scan_folder(root: str | Path) -> FolderLayout:
+    """Find the images, the splits and the labels under `root`, without decoding anything."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"image folder {root} does not exist or is not a folder; point --data-dir at a "
+            f"folder of images ({' '.join(EXTENSIONS)}), with one sub-folder per class for labels"
+        )
+    train_dir = root / "train"
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    split_folders = train_dir.is_dir()
+    if not split_folders and test_dir is not None:
+        raise UserError(
+            f"{root} has a {test_dir.name}/ folder but no train/ folder; add train/ beside it, "
+            f"or move {test_dir.name}/ out if it is meant to be a class"
+        )
+    source = train_dir if split_folders else root
+    paths, ignored = _find_images(source)
+    if not paths:
+        raise UserError(
+            f"no images found under {source} (looked for {' '.join(EXTENSIONS)} at any depth); "
+            "point --data-dir at the folder that holds them"
+        )
+    notes: list[str] = []
+    names = _class_names(source, paths, notes)
+    classes = tuple(sorted(set(names)))
+    index = {c: i for i, c in enumerate(classes)}
+    train = [(p, index[n]) for p, n in zip(paths, names, strict=True)]
+
+    if split_folders and test_dir is not None:
+        test_paths, test_ignored = _find_images(test_dir)
+        ignored += test_ignored
+        test_names = _class_names(test_dir, test_paths, notes)
+        if classes == (UNLABELLED,):
+            test_names = [UNLABELLED] * len(test_paths)  # no labels to match: all class 0
+        unknown = sorted(set(test_names) - set(classes))
+        if UNLABELLED in unknown:
+            raise UserError(
+                f"{test_dir} has images outside class sub-folders while {train_dir} has "
+                "classes; put every test image in the sub-folder of its class"
+            )
+        if unknown:
+            raise UserError(
+                f"{test_dir} has images in {', '.join(map(repr, unknown[:5]))}, which is not a "
+                f"class folder of {train_dir}; give both splits the same class sub-folders"
+            )
+        test = [(p, index[n]) for p, n in zip(test_paths, test_names, strict=True)]
+    else:
+        # Hold out every HOLD_OUT_EVERY-th file of each class, counted in sorted order.
+        seen = [0] * len(classes)
+        test_flags = []
+        for _, label in train:
+            seen[label] += 1
+            test_flags.append(seen[label] % HOLD_OUT_EVERY == 0)
+        test = [item for item, t in zip(train, test_flags, strict=True) if t]
+        train = [item for item, t in zip(train, test_flags, strict=True) if not t]
+    return FolderLayout(
+        root=root,
+        classes=classes,
+        files={"train": train, "test": test},
+        split_folders=split_folders,
+        held_out=test_dir is None,
+        ignored=ignored,
+        notes=tuple(notes),
+    )
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> "RGB"; alpha is composited over black (see the module docstring)."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode.startswith("I"):  # 16- or 32-bit greyscale; Pillow's convert would clip at 255
+        grey = np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8
+        im = Image.fromarray(grey.astype(np.uint8), mode="L")
+    bands = im.getbands()
+    if "A" in bands or "a" in bands or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _decode_one(
+    path: str, size: int, keep: bool, max_pixels: int
+) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
+    """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None)."""
+    stored = None
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between its own limit and twice it: make that an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                stored = opened.size
+                w, h = stored
+                if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+                    why = f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}"
+                    return None, stored, why + " (a decompression bomb?)"
+                # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still leaves the shorter
+                # side >= size, which is most of the decoding time saved for large photos.
+                opened.draft("RGB", (size, size))
+                rgb = _to_rgb(ImageOps.exif_transpose(opened))
+                w, h = rgb.size
+                side = min(w, h)
+                box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+                square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+                pixels = np.asarray(square).transpose(2, 0, 1) if keep else None  # (3, S, S)
+    except Exception as err:  # a damaged file can fail with almost any exception type
+        return None, stored, f"{type(err).__name__}: {err}"
+    return (np.ascontiguousarray(pixels) if keep else None), stored, None
+
+
+def _decode_chunk(
+    paths: list[str], size: int, keep: bool, max_pixels: int
+) -> list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]:
+    # A module-level function, so worker processes can receive it by reference.
+    return [_decode_one(p, size, keep, max_pixels) for p in paths]
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork on Linux: workers start in milliseconds without importing torch again (the same
+    # choice as torch's DataLoader); spawn elsewhere, where fork is unsafe (macOS) or absent.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def decode_images(
+    paths: Sequence[Path], size: int, workers: int | None = None, keep: bool = True
+) -> Decoded:
+    """Decode `paths` to uint8 (K, 3, size, size), skipping (and recording) bad files.
+
+    workers None: serial below SERIAL_BELOW files, else one process per CPU; 1: serial;
+    n >= 2: n worker processes whatever the count. keep False checks the files but keeps no
+    pixels (images is then (0, 3, size, size)). The serial and parallel paths run the same
+    per-file code, so they give identical pixels.
+    """
+    n = len(paths)
+    if workers is None:
+        workers = 1 if n < SERIAL_BELOW else default_workers()
+    # Preallocated once, filled in file order; bad files leave no gap (`filled` only advances
+    # on success), so out[:filled] is the contiguous result and nothing is copied afterwards.
+    out = np.empty((n if keep else 0, 3, size, size), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    sizes: list[tuple[int, int] | None] = []
+    errors: list[tuple[Path, str]] = []
+    names = [str(p) for p in paths]
+    step = max(1, min(CHUNK, -(-n // (4 * max(workers, 1)))))  # >= 4 tasks per worker
+    chunks = [names[i : i + step] for i in range(0, n, step)]
+    args = (size, keep, MAX_PIXELS)
+    filled = 0
+
+    def take(results: list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]) -> None:
+        nonlocal filled
+        for pixels, stored, error in results:
+            i = len(sizes)
+            sizes.append(stored)
+            if error is not None:
+                errors.append((Path(paths[i]), error))
+                continue
+            ok[i] = True
+            if pixels is not None:  # None when keep is False
+                out[filled] = pixels
+                filled += 1
+
+    if workers <= 1 or n <= 1:
+        for chunk in chunks:
+            take(_decode_chunk(chunk, *args))
+    else:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=_pool_context()) as pool:
+            # map yields results in submission order, so file i lands in slot i.
+            for results in pool.map(_decode_chunk, chunks, *map(repeat, args)):
+                take(results)
+    return Decoded(images=out[:filled], ok=ok, sizes=sizes, errors=errors)
+
+
+def describe_errors(errors: list[tuple[Path, str]], root: Path, shown: int = SHOWN) -> str:
+    """ "a.jpg (why); b.png (why) and 3 more", paths relative to root."""
+
+    def rel(p: Path) -> str:
+        return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+    text = "; ".join(f"{rel(p)} ({why})" for p, why in errors[:shown])
+    return text + (f" and {len(errors) - shown} more" if len(errors) > shown else "")
+
+
+def load_folder(
+    root: str | Path, image_size: int, split: str, *, workers: int | None = None
+) -> ImageSet:
+    """Split "train" or "test" of an image folder: uint8 (N, 3, image_size, image_size).
+
+    See the module docstring for the rules. Files that do not decode are skipped, with one
+    warning naming the count and the first few; memory is N x 3 x image_size^2 bytes.
+    """
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}; use train or test")
+    if image_size < 1:
+        raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+    layout = scan_folder(root)
+    for note in layout.notes:
+        log.warning(note)
+    files = layout.files[split]
+    if not files:  # only the test split can be empty: a class has >= 1 training image
+        raise UserError(
+            f"{layout.root} has no test images: there is no test/ folder and no class has "
+            f"{HOLD_OUT_EVERY} images to hold out one in {HOLD_OUT_EVERY}; add a test/ folder "
+            "beside train/ with the same class sub-folders"
+        )
+    t0 = time.perf_counter()
+    paths = [p for p, _ in files]
+    decoded = decode_images(paths, image_size, workers)
+    if decoded.errors:
+        log.warning(
+            "skipped %d of %d image files in %s that did not decode: %s",
+            len(decoded.errors),
+            len(paths),
+            layout.root,
+            describe_errors(decoded.errors, layout.root),
+        )
+    if not decoded.ok.any():
+        raise UserError(
+            f"none of the {len(paths)} image files of the {split} split under {layout.root} "
+            f"decoded (first: {describe_errors(decoded.errors, layout.root, 1)}); check that "
+            "they are images Pillow can read"
+        )
+    labels = np.array([label for _, label in files], dtype=np.int64)[decoded.ok]  # (N,)
+    log.info(
+        "%s %s split: %d images, %d classes, %dx%d, decoded in %.1f s",
+        layout.root,
+        split,
+        len(labels),
+        len(layout.classes),
+        image_size,
+        image_size,
+        time.perf_counter() - t0,
+    )
+    return ImageSet(
+        images=torch.from_numpy(decoded.images),
+        labels=torch.from_numpy(labels),
+        classes=layout.classes,
+    )
+
+
+__all__ = [
+    "EXTENSIONS",
+    "MAX_PIXELS",
+    "Decoded",
+    "FolderLayout",
+    "decode_images",
+    "load_folder",
+    "scan_folder",
+]
