@@ -15,6 +15,7 @@ from selfie.checkpoint import (
     export_safetensors,
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     unwrap,
 )
 from selfie.errors import UserError
@@ -103,6 +104,39 @@ def test_random_bytes_are_refused(tmp_path):
     path.write_bytes(random.Random(0).randbytes(2000))
     with pytest.raises(UserError):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 10, 0.5, -100, -1])
+def test_truncated_file_is_refused(tmp_path, cut):
+    """A checkpoint cut anywhere (a copy or a disk that gave up) is a UserError naming it."""
+    path = tmp_path / "step_0000007.pt"
+    atomic_save(_state(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut) if isinstance(cut, float) else cut])
+    with pytest.raises(UserError, match=r"step_0000007\.pt is not a loadable selfie checkpoint"):
+        load_checkpoint(path)
+
+
+def test_flipped_byte_is_refused(tmp_path):
+    """A flipped byte inside a tensor fails the zip CRC; torch.load alone would load it."""
+    path = tmp_path / "step_0000007.pt"
+    atomic_save(_state(), path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_prune_keeps_the_newest_and_later_ones(tmp_path):
+    """Pruning after saving step 6 keeps the `keep` newest up to 6, and any after it."""
+    for s in (1, 2, 3, 4, 5, 6, 9):
+        checkpoint_path(tmp_path, s).write_bytes(b"")
+    deleted = prune_checkpoints(tmp_path, newest=6, keep=3)
+    assert deleted == [checkpoint_path(tmp_path, s) for s in (1, 2, 3)]
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, s) for s in (4, 5, 6, 9)]
+    prune_checkpoints(tmp_path, newest=6, keep=1)
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, s) for s in (6, 9)]
 
 
 @pytest.mark.parametrize("obj", [{"model": {"w": torch.zeros(2)}}, torch.zeros(3)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from selfie.config import PRESETS, Config, apply_overrides, get_preset, validate
-from selfie.errors import UserError
+from selfie.errors import Interrupted, UserError
 from selfie.models.classifier import HEADS
 from selfie.runfolder import RunOptions
 
@@ -287,7 +288,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         pretrained=args.pretrained,
     )
     out = args.out or _default_out("experiment", config.name)
-    runtime = Runtime(args.data_dir, args.device, args.bf16, args.download, sys.stderr.isatty())
+    hint = shlex.join(["selfie", *args.argv, *([] if args.out else ["--out", str(out)])])
+    runtime = Runtime(
+        args.data_dir, args.device, args.bf16, args.download, sys.stderr.isatty(), hint
+    )
     cells = run_experiment(validate(config), plan, out, runtime)
     print(table_markdown(cells, heads[0]))
     print(f"experiment folder: {out} (table.md, table.csv, figure.png, results.jsonl)")
@@ -351,8 +355,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the experiment quotes its own command line to resume it
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO,
             format="%(asctime)s %(message)s",
@@ -360,9 +366,17 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
         )
         COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"selfie: {e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"selfie: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print(
+            "selfie: interrupted (nothing to save yet; the last checkpoint stands)", file=sys.stderr
+        )
+        return 130
     return 0
 
 

@@ -1,30 +1,109 @@
 """The training loop. It knows nothing about Selfie: a step function turns a step number into
 a loss and metrics; the loop sets the learning rate, steps the optimizer, logs, checkpoints
-and resumes."""
+and resumes, and stops cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import logging
+import random
+import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from selfie import checkpoint as ckpt
-from selfie.errors import UserError
-from selfie.runfolder import RunFolder
+from selfie.errors import Interrupted, UserError
+from selfie.runfolder import RunFolder, resume_command
 
 log = logging.getLogger(__name__)
+
+# Keys a checkpoint needs for an exact resume; one lacking any is treated as unreadable.
+_REQUIRED = ("step", "model", "optimizer", "rng_cpu", "log_window")
 
 
 @dataclass
 class StepResult:
     loss: torch.Tensor  # scalar
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, e.g. accuracy
+
+
+class StopSignals:
+    """While active (in the main thread), SIGINT and SIGTERM only record that a stop was asked
+    for; the loop polls `signum` between steps. Python runs signal handlers only in the main
+    thread and `signal.signal` raises elsewhere, so in other threads this does nothing. A
+    signal the process was started ignoring stays ignored (a shell starts background jobs
+    with SIGINT ignored, so that a Ctrl-C in the terminal leaves them alone). The previous
+    handlers are put back on exit, whatever happened."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            log.warning(
+                "%s received: stopping after the current step and its checkpoint",
+                signal.Signals(signum).name,
+            )
+        else:  # a second Ctrl-C must not cut a checkpoint write short
+            log.warning("already stopping; the checkpoint is being saved, please wait")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                previous = signal.getsignal(s)
+                if previous is not signal.SIG_IGN:
+                    self._previous[s] = previous
+                    signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            # getsignal gives None for a handler installed outside Python: the default then.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
+def _rng_states() -> dict[str, Any]:
+    """Every global RNG, in weights_only-loadable types. Only torch's is drawn from today
+    (dropout); Python's and numpy's are saved so that a future use cannot break exact resume."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "rng_cpu": torch.get_rng_state(),
+        "rng_python": {"version": version, "state": list(internal), "gauss": gauss},
+        "rng_numpy": {  # a numpy array would need unpickling: its uint32 keys go as int64
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_python" in state:
+        py = state["rng_python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "rng_numpy" in state:
+        n = state["rng_numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
 
 
 @dataclass
@@ -47,31 +126,114 @@ class TrainLoop:
     # run logs the same averages as an uninterrupted one.
     window: dict[str, float] = field(default_factory=dict)
     window_count: int = 0
+    # The newest checkpoints kept on disk (the final one always is); older ones are deleted
+    # after each successful save. More than one, so that a newest one damaged after its write
+    # (a disk error, a bad copy) still leaves one to resume from.
+    keep_checkpoints: int = 3
+    # The command that continues this run, quoted in the messages of an interrupted or failed
+    # run. Empty: `selfie <kind> --resume --out <run>` with the run's options (see
+    # runfolder.resume_command); the experiment runner passes its own command line.
+    resume_hint: str = ""
 
-    def save(self, step: int) -> None:
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise UserError(f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}")
+        if not self.resume_hint:
+            if self.run.options is not None:
+                self.resume_hint = resume_command(self.kind, self.run.options)
+            else:
+                self.resume_hint = shlex.join(
+                    ["selfie", self.kind, "--resume", "--out", str(self.run.path)]
+                )
+
+    def save(self, step: int) -> Path:
+        """Write the checkpoint of `step`, then delete the ones beyond `keep_checkpoints`.
+
+        Refuses to save non-finite weights (a finite loss can still give infinite gradients),
+        so the newest checkpoint is always one worth resuming from. A failed write (a full
+        disk) leaves the previous checkpoints as they were and raises a UserError."""
+        model = ckpt.unwrap(self.model)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise UserError(
+                f"the weights became non-finite at step {step}; stopped without saving them "
+                f"(the last good checkpoint is kept in {self.run.checkpoints}); lower the "
+                "learning rate"
+            )
         state = {
             "format": ckpt.FORMAT,
             "kind": self.kind,
             "step": step,
-            "model": ckpt.unwrap(self.model).state_dict(),
+            "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            **_rng_states(),
             "config": self.config,
             "log_window": {"count": self.window_count, "sums": dict(self.window)},
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        ckpt.atomic_save(state, ckpt.checkpoint_path(self.run.checkpoints, step))
+        path = ckpt.checkpoint_path(self.run.checkpoints, step)
+        try:
+            ckpt.atomic_save(state, path)
+        except OSError as e:
+            previous = [p for p in ckpt.list_checkpoints(self.run.checkpoints) if p != path]
+            kept = f"{previous[-1].name} is kept" if previous else "no earlier checkpoint exists"
+            what, fix = ckpt.describe_write_error(e)
+            raise UserError(
+                f"{what} while saving {path} at step {step} ({kept}); {fix} and run again: "
+                f"{self.resume_hint}"
+            ) from None
+        ckpt.prune_checkpoints(self.run.checkpoints, step, self.keep_checkpoints)
+        return path
 
     def restore(self) -> int:
-        """Load the newest checkpoint of the run; returns the step to continue from."""
+        """Load the newest readable checkpoint of the run; returns the step to continue from.
+
+        A checkpoint that does not load (truncated, corrupt, foreign, or carrying pickled
+        code, which is never unpickled) is skipped with a warning naming it, and the one
+        before it is used. If the run has checkpoints but none loads, this refuses with a
+        UserError rather than start again from step 0: a restart that only warns is easy to
+        miss in a long log and would throw away the run's progress (hours or days), and its
+        rotation would then delete the damaged files that a user might still recover. Moving
+        them away starts over deliberately. A run with no checkpoint at all (stopped before
+        its first save) starts at step 0, and its log lines from before the stop are dropped.
+        Temporary files of saves cut short are removed.
+        """
+        for stale in ckpt.remove_temp_files(self.run.checkpoints):
+            log.info("removed %s, left by a save that was cut short", stale)
         found = ckpt.list_checkpoints(self.run.checkpoints)
-        if not found:
+        state, path = None, None
+        for candidate in reversed(found):
+            try:
+                state = ckpt.load_checkpoint(candidate)
+                missing = [k for k in _REQUIRED if k not in state]
+                if missing:
+                    raise UserError(f"{candidate} lacks {', '.join(missing)}")
+            except UserError as e:
+                log.warning("skipping unreadable checkpoint %s: %s", candidate, e)
+                state = None
+                continue
+            path = candidate
+            break
+        if state is None or path is None:
+            if found:
+                raise UserError(
+                    f"none of the {len(found)} checkpoints in {self.run.checkpoints} is "
+                    "readable (see the warnings above); to start the run over, move them out "
+                    f"of that folder and run again: {self.resume_hint}"
+                )
+            # Records logged before the first checkpoint would otherwise appear twice.
+            self.run.truncate_metrics(0)
             return 0
-        state = ckpt.load_checkpoint(found[-1])
-        ckpt.unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
+        if state.get("kind", self.kind) != self.kind:
+            raise UserError(f"{path} is a {state['kind']} checkpoint, not a {self.kind} one")
+        try:
+            ckpt.unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            # Not damage but a different model: resuming from an older file would not help.
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"{path} does not fit this run's model ({first})") from None
+        _set_rng_states(state)
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.window = dict(state["log_window"]["sums"])
@@ -80,11 +242,14 @@ class TrainLoop:
         # A line logged at a checkpoint that ended a run early is not one the longer run has.
         at_log = step % self.log_every == 0 or step == self.steps
         self.run.truncate_metrics(step if at_log else step - 1)
-        log.info("resumed from %s at step %d", found[-1], step)
+        log.info("resumed from %s at step %d", path, step)
         return step
 
     def run_steps(self, start_step: int = 0) -> dict[str, float]:
-        """Train from `start_step` to `self.steps`; returns the last logged metrics."""
+        """Train from `start_step` to `self.steps`; returns the last logged metrics.
+
+        On SIGINT or SIGTERM the current step is finished and checkpointed, then Interrupted
+        (exit code 130 or 143) is raised with the step reached and the command to resume."""
         self.model.train()
         bar = tqdm(
             total=self.steps,
@@ -93,6 +258,13 @@ class TrainLoop:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        try:
+            with StopSignals() as stop:
+                return self._steps(start_step, bar, stop)
+        finally:
+            bar.close()
+
+    def _steps(self, start_step: int, bar: tqdm, stop: StopSignals) -> dict[str, float]:
         # A run resumed from its final checkpoint trains no step: its last record stands.
         last: dict[str, float] = (self.run.metrics()[-1:] or [{}])[0]
         window_start, timed_steps = time.perf_counter(), 0
@@ -103,7 +275,6 @@ class TrainLoop:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 result = self.step_fn(step)
             if not torch.isfinite(result.loss):
-                bar.close()
                 raise UserError(
                     f"loss is {result.loss.item()} at step {step}; stopped (the last good "
                     f"checkpoint is kept in {self.run.checkpoints}); lower the learning rate"
@@ -133,7 +304,16 @@ class TrainLoop:
                 if done % self.log_every == 0:  # not at a final partial window: a resume
                     self.window, self.window_count = {}, 0  # with more steps continues it
                 window_start, timed_steps = time.perf_counter(), 0
+            saved = None
             if done % self.checkpoint_every == 0 or done == self.steps:
-                self.save(done)
-        bar.close()
+                saved = self.save(done)
+            if stop.signum is not None:
+                # Checked after the scheduled save, so a signal during it costs no second one.
+                saved = saved or self.save(done)
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(
+                    f"{name} at step {done}/{self.steps}: stopped after saving {saved}; "
+                    f"resume with: {self.resume_hint}",
+                    stop.signum,
+                )
         return last

@@ -53,6 +53,7 @@ class Runtime:
     bf16: bool = False
     download: bool = False
     progress: bool = True
+    resume_hint: str | None = None  # the experiment's own command, quoted on interruption
 
 
 def _options(folder: Path, rt: Runtime) -> RunOptions:
@@ -68,6 +69,7 @@ def _options(folder: Path, rt: Runtime) -> RunOptions:
         force=started and not resumable,
         download=rt.download,
         progress=rt.progress,
+        resume_hint=rt.resume_hint,
     )
 
 

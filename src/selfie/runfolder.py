@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,8 +15,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selfie.checkpoint import describe_write_error, fsync_dir
 from selfie.config import Config, config_from_dict, validate
 from selfie.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def git_commit() -> str | None:
@@ -37,16 +42,32 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic: a reader sees the old file or the new one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader (or a run resumed after a crash) sees the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        what, fix = describe_write_error(e)
+        raise UserError(f"{what} while writing {path}; {fix} and run again") from None
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class RunFolder:
     def __init__(self, path: str | Path, resume: bool = False, force: bool = False) -> None:
         self.path = Path(path)
+        # How the run was started (set by open_run), for the command that resumes it.
+        self.options: RunOptions | None = None
         exists = (self.path / "config.json").exists()
         if resume and not exists:
             raise UserError(f"--resume: {self.path} holds no run (no config.json); drop --resume")
@@ -90,22 +111,41 @@ class RunFolder:
         return json.loads((self.path / "config.json").read_text())
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.path / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")  # one write: a kill leaves whole lines
+        except OSError as e:
+            what, fix = describe_write_error(e)
+            raise UserError(
+                f"{what} while writing {path}; {fix} and run again with --resume"
+            ) from None
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The logged records. A last line cut short (a machine that lost power mid-append) is
+        skipped with a warning: the resume that follows rewrites the records after its
+        checkpoint anyway. A damaged line elsewhere is an error."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise UserError(
+                        f"{path}: line {i + 1} is not JSON; repair or remove it"
+                    ) from None
+                log.warning("%s: skipping its last line, cut short: %r", path, line[:80])
+        return records
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records past `after_step` (written after the checkpoint a resume starts from),
         so the resumed run's metrics read as one uninterrupted run."""
         kept = [r for r in self.metrics() if r.get("step", 0) <= after_step]
-        tmp = self.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path / "metrics.jsonl")
+        write_text_atomic(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / "summary.json", summary)
@@ -123,6 +163,25 @@ class RunOptions:
     force: bool = False
     download: bool = False
     progress: bool = True
+    # The command that continues this run, quoted when it is interrupted; None: the
+    # `selfie <kind> --resume` line resume_command builds. The experiment runner sets its own.
+    resume_hint: str | None = None
+
+
+def resume_command(kind: str, opts: RunOptions) -> str:
+    """The command line that resumes a `kind` run started with `opts`. The options a resume
+    does not read back from config.json (data folder, device, bf16) are repeated, so the
+    resumed run reads the same data with the same numerics."""
+    if opts.resume_hint:
+        return opts.resume_hint
+    parts = ["selfie", kind, "--resume", "--out", str(opts.out)]
+    if opts.data_dir is not None:
+        parts += ["--data-dir", opts.data_dir]
+    if opts.device != "auto":
+        parts += ["--device", opts.device]
+    if opts.bf16:
+        parts.append("--bf16")
+    return shlex.join(parts)
 
 
 def resolve_config(config: Config | None, opts: RunOptions) -> tuple[Config, dict[str, Any]]:
@@ -155,6 +214,7 @@ def open_run(config: Config, opts: RunOptions, extra: dict[str, Any] | None = No
     """Create the run folder (or reopen it to resume) once the inputs are known to be good,
     so that bad input never leaves a half-made run behind. `extra` joins the "run" section."""
     run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
+    run.options = opts
     if not opts.resume:
         run.write_config(
             config.to_dict(),
