@@ -156,3 +156,14 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, capsys):
     )
     code, _, err = run_cli(["pretrain", "--preset", "tiny", "--out", str(out_dir)], capsys)
     assert code == 2 and "already holds a run" in err
+
+
+def test_unwritable_out_folder_is_one_line_exit_2(tmp_path: Path, capsys):
+    """An --out that cannot be created (its parent is a file; root ignores chmod) exits 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_cli(
+        ["pretrain", "--preset", "tiny", "--out", str(blocker / "run"), "--steps", "2"], capsys
+    )
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot write to" in err and "choose another --out" in err
