@@ -16,55 +16,57 @@ from torch import nn
 from selfie.config import ModelConfig
 
 
-class BasicUnit(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus a shortcut (a 1x1 projection when shapes change)."""
+class PreActUnit(nn.Module):
+    """The part both unit types share: the pre-activation BN-ReLU and the shortcut (a 1x1
+    projection of the pre-activated input when the shape changes, as in the v2 paper and
+    TF-slim). Subclasses define `residual`, applied to the pre-activated input."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.shortcut = (
             nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
             if stride != 1 or in_ch != out_ch
             else None
         )
 
+    def residual(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = torch.relu(self.bn1(x))
-        # The projection reads the pre-activated input, as in the v2 paper and TF-slim.
         skip = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv1(pre)
-        out = self.conv2(torch.relu(self.bn2(out)))
-        return out + skip
+        return self.residual(pre) + skip
 
 
-class BottleneckUnit(nn.Module):
+class BasicUnit(PreActUnit):
+    """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__(in_ch, out_ch, stride)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+
+    def residual(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+
+
+class BottleneckUnit(PreActUnit):
     """BN-ReLU-conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1 with a 4x wider output."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
+        super().__init__(in_ch, out_ch, stride)
         mid = out_ch // 4
-        self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
-            if stride != 1 or in_ch != out_ch
-            else None
-        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = torch.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(pre)
-        out = self.conv1(pre)
-        out = self.conv2(torch.relu(self.bn2(out)))
-        out = self.conv3(torch.relu(self.bn3(out)))
-        return out + skip
+    def residual(self, pre: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+        return self.conv3(torch.relu(self.bn3(out)))
 
 
 def make_stem(cfg: ModelConfig, in_channels: int = 3) -> nn.Sequential:
