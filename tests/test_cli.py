@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfie import cli
 from selfie.checkpoint import list_checkpoints
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_cli
 
 
 def test_presets_lists_every_preset(capsys):

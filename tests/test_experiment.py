@@ -12,6 +12,7 @@ import torch
 
 from selfie import cli
 from selfie.report import CSV_COLUMNS
+from tests.helpers import run_cli
 
 # 2 heads x 2 labelled amounts x 2 arms, each tuned over the tiny grid (0.02, 0.05) and then
 # run with 2 seeds. Four finetuning steps with a checkpoint every two, so a run can be cut
@@ -37,19 +38,7 @@ ARGS = [
 RESULT_KEYS = {"head", "labels", "fraction", "arm", "seed", "lr", "test_acc", "run"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core CPU: intra-op threads cost more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -22,23 +22,12 @@ from selfie.finetune import FinetuneSpec, finetune
 from selfie.models.classifier import _load_exact, build_classifier, transfer_pretrained
 from selfie.models.selfie import Selfie
 from selfie.runfolder import RunOptions
+from tests.helpers import run_cli
 
 P_PREFIXES = ("stem.", "stages.0.", "stages.1.", "stages.2.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core CPU: intra-op threads cost more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(["-q", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*overrides: str) -> Config:
