@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
+from selfie import distributed
 from selfie.config import PRESETS, Config, apply_overrides, get_preset, validate
 from selfie.errors import Interrupted, UserError
 from selfie.models.classifier import HEADS
@@ -63,11 +64,39 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         metavar="N",
-        help="images per step; the preset's peak LR is kept (no linear scaling)",
+        help="images per step, over all processes under torchrun; the preset's peak LR is kept "
+        "(no linear scaling)",
     )
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: the preset's)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPU/GPU)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="float16 autocast with a gradient scaler, for GPUs without bfloat16 (not on CPU)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow first steps)"
+    )
+    p.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="gradient accumulation: each process splits its share of the batch into K "
+        "micro-batches (when a device cannot hold its share); the batch stays the preset's",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun, BatchNorm statistics over the whole batch of all processes "
+        "(GPUs only); default: each process normalises over its own share",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default), cpu, cuda or cuda:N; under torchrun each process takes "
+        "device LOCAL_RANK of the kind given",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 
@@ -222,6 +251,10 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         data_dir=args.data_dir,
         device=args.device,
         bf16=args.bf16,
+        fp16=args.fp16,
+        compile=args.compile,
+        accum=args.accum,
+        sync_bn=args.sync_bn,
         resume=args.resume,
         force=args.force,
         download=args.download,
@@ -239,8 +272,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         assert config is not None
         args.out = _default_out("pretrain", config.name)
     summary = pretrain(config, _run_options(args))
-    print(json.dumps(summary, indent=2))
-    print(f"run folder: {args.out}")
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2))
+        print(f"run folder: {args.out}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -259,8 +293,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         assert config is not None and spec is not None
         args.out = _default_out(f"finetune-{spec.arm}", config.name)
     summary = finetune(config, spec, _run_options(args))
-    print(json.dumps(summary, indent=2))
-    print(f"run folder: {args.out}")
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2))
+        print(f"run folder: {args.out}")
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -354,29 +389,45 @@ COMMANDS = {
 }
 
 
+# Commands that run under torchrun; the others write shared files from every process.
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Under torchrun, ranks other than 0 log warnings and errors only, and their error lines
+    # name their rank (rank 0's read as in a single process).
+    rank = distributed.env_rank() if distributed.launched_by_torchrun() else 0
+    prefix = "selfie" if rank == 0 else f"selfie[rank {rank}]"
     try:
         args = build_parser().parse_args(argv)
         args.argv = argv  # the experiment quotes its own command line to resume it
         logging.basicConfig(
-            level=logging.WARNING if args.quiet else logging.INFO,
+            level=logging.WARNING if args.quiet or rank != 0 else logging.INFO,
             format="%(asctime)s %(message)s",
             datefmt="%H:%M:%S",
             stream=sys.stderr,
         )
+        if distributed.launched_by_torchrun() and args.command not in DISTRIBUTED_COMMANDS:
+            raise UserError(
+                f"`selfie {args.command}` does not run under torchrun; run its pretrain and "
+                "finetune steps as `torchrun ... -m selfie pretrain|finetune`"
+            )
         COMMANDS[args.command](args)
     except Interrupted as e:
-        print(f"selfie: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         return e.exit_code
     except UserError as e:
-        print(f"selfie: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(
-            "selfie: interrupted (nothing to save yet; the last checkpoint stands)", file=sys.stderr
+            f"{prefix}: interrupted (nothing to save yet; the last checkpoint stands)",
+            file=sys.stderr,
         )
         return 130
+    finally:
+        distributed.destroy()
     return 0
 
 

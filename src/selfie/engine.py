@@ -1,10 +1,17 @@
 """The training loop. It knows nothing about Selfie: a step function turns a step number into
 a loss and metrics; the loop sets the learning rate, steps the optimizer, logs, checkpoints
-and resumes, and stops cleanly on SIGINT/SIGTERM."""
+and resumes, and stops cleanly on SIGINT/SIGTERM.
+
+Under torchrun (see selfie.distributed) every rank runs the same loop on its share of the
+batch: metrics are averaged over ranks every step (so every rank holds the same log window
+and stops on the same non-finite loss), a signal received by any rank stops all of them after
+the same step, and rank 0 alone logs, shows progress and writes checkpoints.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shlex
 import signal
@@ -22,6 +29,9 @@ from torch import nn
 from tqdm import tqdm
 
 from selfie import checkpoint as ckpt
+from selfie import distributed
+from selfie.data.sampler import derive_seed
+from selfie.device import autocast
 from selfie.errors import Interrupted, UserError
 from selfie.runfolder import RunFolder, resume_command
 
@@ -110,10 +120,12 @@ def _set_rng_states(state: dict[str, Any]) -> None:
 class TrainLoop:
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    step_fn: Callable[[int], StepResult]  # runs the forward pass for step `step`
+    # Runs the forward pass of step `step`: called as step_fn(step), or with accum > 1 as
+    # step_fn(step, micro) for each micro-batch micro = 0 .. accum - 1.
+    step_fn: Callable[..., StepResult]
     lr_fn: Callable[[int], float]
     steps: int
-    batch_size: int  # images per step, for images/s
+    batch_size: int  # images per step over all ranks (the global batch), for images/s
     run: RunFolder
     log_every: int
     checkpoint_every: int
@@ -121,6 +133,10 @@ class TrainLoop:
     config: dict[str, Any]  # recorded in checkpoints
     device: torch.device
     bf16: bool = False
+    fp16: bool = False  # float16 autocast with a GradScaler, for GPUs without bfloat16
+    # Micro-batches per step: each one's loss is divided by `accum` and back-propagated (inside
+    # DDP's no_sync but for the last), so the step's gradient is that of the mean over them.
+    accum: int = 1
     progress: bool = True
     # Metric sums of the steps since the last log line; saved in checkpoints so that a resumed
     # run logs the same averages as an uninterrupted one.
@@ -138,6 +154,10 @@ class TrainLoop:
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
             raise UserError(f"keep_checkpoints must be at least 1, not {self.keep_checkpoints}")
+        if self.accum < 1:
+            raise UserError(f"accum must be at least 1, not {self.accum}")
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.fp16 else None
         if not self.resume_hint:
             if self.run.options is not None:
                 self.resume_hint = resume_command(self.kind, self.run.options)
@@ -151,7 +171,21 @@ class TrainLoop:
 
         Refuses to save non-finite weights (a finite loss can still give infinite gradients),
         so the newest checkpoint is always one worth resuming from. A failed write (a full
-        disk) leaves the previous checkpoints as they were and raises a UserError."""
+        disk) leaves the previous checkpoints as they were and raises a UserError.
+
+        Under torchrun every rank calls this: rank 0 writes, with every rank's RNG state (each
+        rank draws its own dropout), and the others wait for it and share its errors."""
+        ranks_rng = distributed.all_gather_object(self._local_rng())
+        path = distributed.on_main(lambda: self._write(step, ranks_rng))
+        return path or ckpt.checkpoint_path(self.run.checkpoints, step)
+
+    def _local_rng(self) -> dict[str, torch.Tensor]:
+        state = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _write(self, step: int, ranks_rng: list[dict[str, torch.Tensor]]) -> Path:
         model = ckpt.unwrap(self.model)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise UserError(
@@ -171,6 +205,10 @@ class TrainLoop:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if len(ranks_rng) > 1:
+            state["rng_ranks"] = ranks_rng
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         path = ckpt.checkpoint_path(self.run.checkpoints, step)
         try:
             ckpt.atomic_save(state, path)
@@ -197,9 +235,13 @@ class TrainLoop:
         them away starts over deliberately. A run with no checkpoint at all (stopped before
         its first save) starts at step 0, and its log lines from before the stop are dropped.
         Temporary files of saves cut short are removed.
+
+        Under torchrun every rank reads the same checkpoint (so the run folder must be on
+        storage that every node sees) and they check that they agree on the step.
         """
-        for stale in ckpt.remove_temp_files(self.run.checkpoints):
-            log.info("removed %s, left by a save that was cut short", stale)
+        if distributed.is_main():
+            for stale in ckpt.remove_temp_files(self.run.checkpoints):
+                log.info("removed %s, left by a save that was cut short", stale)
         found = ckpt.list_checkpoints(self.run.checkpoints)
         state, path = None, None
         for candidate in reversed(found):
@@ -222,8 +264,9 @@ class TrainLoop:
                     f"of that folder and run again: {self.resume_hint}"
                 )
             # Records logged before the first checkpoint would otherwise appear twice.
-            self.run.truncate_metrics(0)
-            return 0
+            if distributed.is_main():
+                self.run.truncate_metrics(0)
+            return self._agreed(0)
         if state.get("kind", self.kind) != self.kind:
             raise UserError(f"{path} is a {state['kind']} checkpoint, not a {self.kind} one")
         try:
@@ -233,16 +276,46 @@ class TrainLoop:
             # Not damage but a different model: resuming from an older file would not help.
             first = str(e).strip().splitlines()[0]
             raise UserError(f"{path} does not fit this run's model ({first})") from None
-        _set_rng_states(state)
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        step = int(state["step"])
+        self._restore_rng(state, step)
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.window = dict(state["log_window"]["sums"])
         self.window_count = int(state["log_window"]["count"])
-        step = int(state["step"])
-        # A line logged at a checkpoint that ended a run early is not one the longer run has.
-        at_log = step % self.log_every == 0 or step == self.steps
-        self.run.truncate_metrics(step if at_log else step - 1)
-        log.info("resumed from %s at step %d", path, step)
+        if distributed.is_main():
+            # A line logged at a checkpoint that ended a run early is not one the longer run
+            # has.
+            at_log = step % self.log_every == 0 or step == self.steps
+            self.run.truncate_metrics(step if at_log else step - 1)
+            log.info("resumed from %s at step %d", path, step)
+        return self._agreed(step)
+
+    def _restore_rng(self, state: dict[str, Any], step: int) -> None:
+        """Every global RNG as saved; under torchrun each rank takes its own torch streams."""
+        _set_rng_states(state)  # rank 0's torch streams; Python's and numpy's for all
+        rank, world = distributed.rank(), distributed.world_size()
+        ranks = state.get("rng_ranks", [])
+        if world > 1 and len(ranks) == world:
+            own = ranks[rank]
+        elif rank == 0:
+            own = state
+        else:
+            # Saved by a run on another number of processes: rank 0 continues its stream, the
+            # others start their own, reproducibly, from the step.
+            torch.manual_seed(derive_seed(step, 4, rank))
+            return
+        torch.set_rng_state(own["rng_cpu"])
+        if "rng_cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["rng_cuda"], self.device)
+
+    def _agreed(self, step: int) -> int:
+        """`step`, once every rank is known to resume from it."""
+        steps = distributed.all_gather_object(step)
+        if len(set(steps)) > 1:
+            raise UserError(
+                f"the processes found different checkpoints to resume from (steps {steps} by "
+                f"rank); put {self.run.path} on storage that every node reads"
+            )
         return step
 
     def run_steps(self, start_step: int = 0) -> dict[str, float]:
@@ -255,7 +328,7 @@ class TrainLoop:
             total=self.steps,
             initial=start_step,
             desc=self.kind,
-            disable=not self.progress,
+            disable=not (self.progress and distributed.is_main()),
             dynamic_ncols=True,
         )
         try:
@@ -264,26 +337,50 @@ class TrainLoop:
         finally:
             bar.close()
 
+    def _train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over `accum` micro-batches; the loss and metrics averaged over
+        micro-batches and ranks. A non-finite loss on any rank stops every rank before the
+        optimizer step, so the weights stay those of the last good step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total: torch.Tensor | None = None
+        names: list[str] = []
+        for micro in range(self.accum):
+            # Gradients stay on this rank until the last micro-batch, then all-reduce once.
+            with distributed.no_sync(self.model, active=micro < self.accum - 1):
+                with autocast(self.device, self.bf16, self.fp16):
+                    result = self.step_fn(step) if self.accum == 1 else self.step_fn(step, micro)
+                loss = result.loss if self.accum == 1 else result.loss / self.accum
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            names = ["loss", *result.metrics]
+            parts = [result.loss, *result.metrics.values()]
+            values = torch.stack([v.detach().float() for v in parts])
+            total = values if total is None else total + values
+        assert total is not None
+        mean = distributed.all_reduce_mean(total if self.accum == 1 else total / self.accum)
+        numbers = dict(zip(names, mean.tolist(), strict=True))
+        if not math.isfinite(numbers["loss"]):
+            raise UserError(
+                f"loss is {numbers['loss']} at step {step}; stopped (the last good "
+                f"checkpoint is kept in {self.run.checkpoints}); lower the learning rate"
+            )
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips the step if the scaled gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return numbers
+
     def _steps(self, start_step: int, bar: tqdm, stop: StopSignals) -> dict[str, float]:
+        main = distributed.is_main()
         # A run resumed from its final checkpoint trains no step: its last record stands.
-        last: dict[str, float] = (self.run.metrics()[-1:] or [{}])[0]
+        last: dict[str, float] = (self.run.metrics()[-1:] or [{}])[0] if main else {}
         window_start, timed_steps = time.perf_counter(), 0
         for step in range(start_step, self.steps):
             lr = self.lr_fn(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                result = self.step_fn(step)
-            if not torch.isfinite(result.loss):
-                raise UserError(
-                    f"loss is {result.loss.item()} at step {step}; stopped (the last good "
-                    f"checkpoint is kept in {self.run.checkpoints}); lower the learning rate"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            self.optimizer.step()
-            for name, value in {"loss": result.loss, **result.metrics}.items():
-                self.window[name] = self.window.get(name, 0.0) + float(value.detach())
+            for name, value in self._train_step(step).items():
+                self.window[name] = self.window.get(name, 0.0) + value
             self.window_count += 1
             timed_steps += 1
             done = step + 1
@@ -292,9 +389,10 @@ class TrainLoop:
                 elapsed = time.perf_counter() - window_start
                 last = {k: total / self.window_count for k, total in self.window.items()}
                 last |= {"lr": lr, "images_per_s": timed_steps * self.batch_size / elapsed}
-                self.run.log({"step": done, **last})
+                if main:
+                    self.run.log({"step": done, **last})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k != "lr"})
-                if not self.progress:
+                if main and not self.progress:
                     log.info(
                         "step %d/%d %s",
                         done,
@@ -307,13 +405,16 @@ class TrainLoop:
             saved = None
             if done % self.checkpoint_every == 0 or done == self.steps:
                 saved = self.save(done)
-            if stop.signum is not None:
+            # Every rank stops after the same step if any received a signal (torchrun passes
+            # a SIGTERM to all, but not at the same instant).
+            signum = int(distributed.all_reduce_max(torch.tensor(stop.signum or 0)))
+            if signum:
                 # Checked after the scheduled save, so a signal during it costs no second one.
                 saved = saved or self.save(done)
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(signum).name
                 raise Interrupted(
                     f"{name} at step {done}/{self.steps}: stopped after saving {saved}; "
                     f"resume with: {self.resume_hint}",
-                    stop.signum,
+                    signum,
                 )
         return last

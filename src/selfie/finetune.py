@@ -3,6 +3,9 @@
 The test split is loaded only after training, for the final evaluation, and only by runs
 that train on the whole labelled subset. Tuning runs (`validation=True`) hold out 10% of
 the subset and report `val_acc`; they never load the test split at all.
+
+Under torchrun each rank trains on its rows of the global batch (see selfie.distributed);
+rank 0 alone writes the run folder and evaluates.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfie import distributed
 from selfie.checkpoint import export_safetensors, load_weights
 from selfie.config import Config
 from selfie.data import load_dataset
@@ -27,7 +31,7 @@ from selfie.data.subsets import (
     save_indices,
     split_validation,
 )
-from selfie.device import place, resolve_device
+from selfie.device import autocast, check_precision, place
 from selfie.engine import StepResult, TrainLoop
 from selfie.errors import UserError
 from selfie.losses import top1_accuracy
@@ -61,6 +65,7 @@ def evaluate(
     std: torch.Tensor,
     bf16: bool = False,
     batch_size: int = 500,
+    fp16: bool = False,
 ) -> float:
     """Top-1 accuracy in eval mode; images uint8 (N, C, H, W) and labels (N,) on the device."""
     was_training = model.training
@@ -68,7 +73,7 @@ def evaluate(
     correct = 0
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], mean, std)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(images.device, bf16, fp16):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
     model.train(was_training)
@@ -78,7 +83,8 @@ def evaluate(
 def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions) -> dict[str, Any]:
     """Train a classifier on the labelled subset; returns the summary (also in summary.json).
 
-    With opts.resume, `config` and `spec` may be None: the run's own are used.
+    With opts.resume, `config` and `spec` may be None: the run's own are used. Under torchrun
+    every rank returns rank 0's summary.
     """
     config, stored = resolve_config(config, opts)
     if opts.resume:
@@ -88,8 +94,14 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     if spec.head not in HEADS:
         raise UserError(f"unknown head '{spec.head}'; choose one of: {', '.join(HEADS)}")
     f, d = config.finetune, config.data
-    device = resolve_device(opts.device)
-    train = load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download)
+    info = distributed.init_from_env(opts.device)
+    device = info.device
+    check_precision(device, opts.bf16, opts.fp16)
+    distributed.check_sync_bn(device, opts.sync_bn)
+    # Rank 0 first: it alone downloads; the others then find the files.
+    train = distributed.main_first(
+        lambda: load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download)
+    )
     if len(train.classes) != d.num_classes:
         raise UserError(
             f"the data has {len(train.classes)} classes but data.num_classes is "
@@ -104,17 +116,25 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         else (subset, subset[:0])
     )
     batch_size = min(f.batch_size, len(train_idx))
-    if batch_size < f.batch_size:
+    if batch_size < f.batch_size and info.is_main:
         log.warning("batch size lowered to %d, the number of labelled images", batch_size)
+    distributed.split_batch(batch_size, info.world_size, opts.accum)
 
     torch.manual_seed(f.seed)  # the scratch arm's initialisation depends on the seed too
     model = build_classifier(config, spec.head)
     if spec.init is not None:
         transfer_pretrained(model, spec.head, load_weights(spec.init), str(spec.init))
     model = place(model, device)
+    distributed.seed_other_ranks(f.seed, info.rank)
+    optimizer = make_sgd(model, f.lr, f.momentum, f.weight_decay)
+    trained = distributed.prepare_model(model, info, sync_bn=opts.sync_bn, compile=opts.compile)
 
-    run = open_run(config, opts, {"finetune": asdict(spec)})
-    save_indices(run.path / "subset.json", train=train_idx, val=val_idx)
+    run = open_run(
+        config,
+        opts,
+        {"finetune": asdict(spec)},
+        on_open=lambda r: save_indices(r.path / "subset.json", train=train_idx, val=val_idx),
+    )
 
     images = train.images.to(device)
     labels = train.labels.to(device)
@@ -122,18 +142,21 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     train_idx_dev = train_idx.to(device)
     sampler = EpochSampler(len(train_idx), batch_size, f.seed)
 
-    def step_fn(step: int) -> StepResult:
+    def step_fn(step: int, micro: int = 0) -> StepResult:
+        # Augmentation is drawn for the whole global batch, then cut to this micro-batch of
+        # this rank's share: every row is augmented as in the single-process run.
         g = step_generator(f.seed, step, device)
         idx = train_idx_dev[sampler.batch(step).to(device)]
-        x = pad_crop_flip(images[idx], d.pad, d.flip, g)
+        rows = info.rows(batch_size, micro, opts.accum)
+        x = pad_crop_flip(images[idx], d.pad, d.flip, g)[rows]
         x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
-        logits = model(x)
-        y = labels[idx]
+        logits = trained(x)
+        y = labels[idx[rows]]
         return StepResult(F.cross_entropy(logits.float(), y), {"acc": top1_accuracy(logits, y)})
 
     loop = TrainLoop(
-        model=model,
-        optimizer=make_sgd(model, f.lr, f.momentum, f.weight_decay),
+        model=trained,
+        optimizer=optimizer,
         step_fn=step_fn,
         lr_fn=lambda s: lr_at(s, f.lr, f.warmup_steps, f.steps),
         steps=f.steps,
@@ -145,41 +168,48 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         config=config.to_dict(),
         device=device,
         bf16=opts.bf16,
+        fp16=opts.fp16,
+        accum=opts.accum,
         progress=opts.progress,
     )
     start = loop.restore() if opts.resume else 0
     t0 = time.perf_counter()
     last = loop.run_steps(start)
     seconds = time.perf_counter() - t0
-    export_safetensors(model, run.path / "model.safetensors")
 
-    summary: dict[str, Any] = {
-        "kind": "finetune",
-        "preset": config.name,
-        **asdict(spec),
-        "arm": spec.arm,
-        "seed": f.seed,
-        "lr": f.lr,
-        "steps": f.steps,
-        "labelled_per_class": per_class,
-        "train_images": len(train_idx),
-        "fraction": len(subset) / len(train),
-        "final_loss": last.get("loss"),
-        "final_train_acc": last.get("acc"),
-        "train_seconds_this_session": seconds,
-        "device": str(device),
-        "bf16": opts.bf16,
-    }
-    if spec.validation:
-        summary["val_images"] = len(val_idx)
-        summary["val_acc"] = evaluate(
-            model, images[val_idx.to(device)], labels[val_idx.to(device)], mean, std, opts.bf16
-        )
-    else:
-        # The test split's first use: after training, for the final figure only.
-        test = load_dataset(d.dataset, "test", opts.data_dir, d.image_size)
-        summary["test_acc"] = evaluate(
-            model, test.images.to(device), test.labels.to(device), mean, std, opts.bf16
-        )
-    run.write_summary(summary)
-    return summary
+    def finish() -> dict[str, Any]:
+        """Export, evaluate and write the summary: rank 0's work, on the plain model."""
+        export_safetensors(model, run.path / "model.safetensors")
+        precision = {"bf16": opts.bf16, "fp16": opts.fp16}
+        summary: dict[str, Any] = {
+            "kind": "finetune",
+            "preset": config.name,
+            **asdict(spec),
+            "arm": spec.arm,
+            "seed": f.seed,
+            "lr": f.lr,
+            "steps": f.steps,
+            "labelled_per_class": per_class,
+            "train_images": len(train_idx),
+            "fraction": len(subset) / len(train),
+            "final_loss": last.get("loss"),
+            "final_train_acc": last.get("acc"),
+            "train_seconds_this_session": seconds,
+            "device": str(device),
+            "processes": info.world_size,
+            **precision,
+        }
+        if spec.validation:
+            summary["val_images"] = len(val_idx)
+            val = val_idx.to(device)
+            summary["val_acc"] = evaluate(model, images[val], labels[val], mean, std, **precision)
+        else:
+            # The test split's first use: after training, for the final figure only.
+            test = load_dataset(d.dataset, "test", opts.data_dir, d.image_size)
+            summary["test_acc"] = evaluate(
+                model, test.images.to(device), test.labels.to(device), mean, std, **precision
+            )
+        run.write_summary(summary)
+        return summary
+
+    return distributed.broadcast_object(distributed.on_main(finish) or {})

@@ -10,11 +10,13 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from selfie import distributed
 from selfie.checkpoint import describe_write_error, fsync_dir
 from selfie.config import Config, config_from_dict, validate
 from selfie.errors import UserError
@@ -64,10 +66,17 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class RunFolder:
-    def __init__(self, path: str | Path, resume: bool = False, force: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, resume: bool = False, force: bool = False, *, writer: bool = True
+    ) -> None:
+        """Open (with `writer`: check, create or clear) the run folder at `path`. A handle with
+        writer=False touches nothing: torchrun's ranks other than 0 use one to read the
+        checkpoints that rank 0 writes."""
         self.path = Path(path)
         # How the run was started (set by open_run), for the command that resumes it.
         self.options: RunOptions | None = None
+        if not writer:
+            return
         exists = (self.path / "config.json").exists()
         if resume and not exists:
             raise UserError(f"--resume: {self.path} holds no run (no config.json); drop --resume")
@@ -159,6 +168,10 @@ class RunOptions:
     data_dir: str | None = None
     device: str = "auto"
     bf16: bool = False
+    fp16: bool = False  # float16 autocast + GradScaler, for GPUs without bfloat16
+    compile: bool = False  # torch.compile the training model
+    accum: int = 1  # micro-batches per step on each process (gradient accumulation)
+    sync_bn: bool = False  # BatchNorm statistics over all processes' shares (GPUs only)
     resume: bool = False
     force: bool = False
     download: bool = False
@@ -169,18 +182,23 @@ class RunOptions:
 
 
 def resume_command(kind: str, opts: RunOptions) -> str:
-    """The command line that resumes a `kind` run started with `opts`. The options a resume
-    does not read back from config.json (data folder, device, bf16) are repeated, so the
+    """The command line that resumes a `kind` run started with `opts` (under torchrun: with
+    torchrun's process counts). The options a resume does not read back from config.json
+    (data folder, device, precision, accumulation, sync-bn, compile) are repeated, so the
     resumed run reads the same data with the same numerics."""
     if opts.resume_hint:
         return opts.resume_hint
-    parts = ["selfie", kind, "--resume", "--out", str(opts.out)]
+    parts = [*distributed.launch_prefix(), kind, "--resume", "--out", str(opts.out)]
     if opts.data_dir is not None:
         parts += ["--data-dir", opts.data_dir]
     if opts.device != "auto":
         parts += ["--device", opts.device]
-    if opts.bf16:
-        parts.append("--bf16")
+    flags = {"--bf16": opts.bf16, "--fp16": opts.fp16, "--sync-bn": opts.sync_bn}
+    parts += [flag for flag, on in flags.items() if on]
+    if opts.accum != 1:
+        parts += ["--accum", str(opts.accum)]
+    if opts.compile:
+        parts.append("--compile")
     return shlex.join(parts)
 
 
@@ -210,14 +228,36 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_run(config: Config, opts: RunOptions, extra: dict[str, Any] | None = None) -> RunFolder:
+def open_run(
+    config: Config,
+    opts: RunOptions,
+    extra: dict[str, Any] | None = None,
+    on_open: Callable[[RunFolder], None] | None = None,
+) -> RunFolder:
     """Create the run folder (or reopen it to resume) once the inputs are known to be good,
-    so that bad input never leaves a half-made run behind. `extra` joins the "run" section."""
-    run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
+    so that bad input never leaves a half-made run behind. `extra` joins the "run" section;
+    `on_open` writes any further files the run starts with.
+
+    Under torchrun rank 0 alone does this; the other ranks wait for it (raising its error if
+    it fails) and get a handle that writes nothing."""
+
+    def create() -> RunFolder:
+        run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
+        if not opts.resume:
+            how = {
+                "device": opts.device,
+                "bf16": opts.bf16,
+                "fp16": opts.fp16,
+                "compile": opts.compile,
+                "accum": opts.accum,
+                "sync_bn": opts.sync_bn,
+                "world_size": distributed.world_size(),
+            }
+            run.write_config(config.to_dict(), {**how, "data_dir": opts.data_dir, **(extra or {})})
+        if on_open is not None:
+            on_open(run)
+        return run
+
+    run = distributed.on_main(create) or RunFolder(opts.out, writer=False)
     run.options = opts
-    if not opts.resume:
-        run.write_config(
-            config.to_dict(),
-            {"device": opts.device, "bf16": opts.bf16, "data_dir": opts.data_dir, **(extra or {})},
-        )
     return run
