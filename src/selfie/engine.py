@@ -30,10 +30,12 @@ from tqdm import tqdm
 
 from selfie import checkpoint as ckpt
 from selfie import distributed
+from selfie.config import OptimConfig
 from selfie.data.sampler import derive_seed
 from selfie.device import autocast
 from selfie.errors import Interrupted, UserError
-from selfie.runfolder import RunFolder, resume_command
+from selfie.optim import lr_at, make_sgd
+from selfie.runfolder import RunFolder, RunOptions, resume_command
 
 log = logging.getLogger(__name__)
 
@@ -418,3 +420,45 @@ class TrainLoop:
                     signum,
                 )
         return last
+
+
+def train_recipe(
+    *,
+    model: nn.Module,
+    trained: nn.Module,
+    step_fn: Callable[..., StepResult],
+    recipe: OptimConfig,
+    batch_size: int,
+    run: RunFolder,
+    kind: str,
+    config: dict[str, Any],
+    device: torch.device,
+    opts: RunOptions,
+) -> tuple[dict[str, float], float]:
+    """Train `trained` (the plain `model`, or it wrapped in DDP / torch.compile) with the
+    recipe of SPEC 4: SGD with Nesterov momentum and weight decay, linear warm-up then cosine
+    decay, the recipe's steps and logging/checkpoint cadence; precision, accumulation,
+    progress and resume from the run options. Returns the last logged metrics and the
+    seconds this session trained."""
+    loop = TrainLoop(
+        model=trained,
+        optimizer=make_sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay),
+        step_fn=step_fn,
+        lr_fn=lambda s: lr_at(s, recipe.lr, recipe.warmup_steps, recipe.steps),
+        steps=recipe.steps,
+        batch_size=batch_size,
+        run=run,
+        log_every=recipe.log_every,
+        checkpoint_every=recipe.checkpoint_every,
+        kind=kind,
+        config=config,
+        device=device,
+        bf16=opts.bf16,
+        fp16=opts.fp16,
+        accum=opts.accum,
+        progress=opts.progress,
+    )
+    start = loop.restore() if opts.resume else 0
+    t0 = time.perf_counter()
+    last = loop.run_steps(start)
+    return last, time.perf_counter() - t0

@@ -11,7 +11,6 @@ rank 0 alone writes the run folder and evaluates.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,11 +31,10 @@ from selfie.data.subsets import (
     split_validation,
 )
 from selfie.device import autocast, check_precision, place
-from selfie.engine import StepResult, TrainLoop
+from selfie.engine import StepResult, train_recipe
 from selfie.errors import UserError
 from selfie.losses import top1_accuracy
 from selfie.models.classifier import HEADS, build_classifier, transfer_pretrained
-from selfie.optim import lr_at, make_sgd
 from selfie.runfolder import RunOptions, open_run, resolve_config
 
 log = logging.getLogger(__name__)
@@ -126,7 +124,6 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         transfer_pretrained(model, spec.head, load_weights(spec.init), str(spec.init))
     model = place(model, device)
     distributed.seed_other_ranks(f.seed, info.rank)
-    optimizer = make_sgd(model, f.lr, f.momentum, f.weight_decay)
     trained = distributed.prepare_model(model, info, sync_bn=opts.sync_bn, compile=opts.compile)
 
     run = open_run(
@@ -154,28 +151,18 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         y = labels[idx[rows]]
         return StepResult(F.cross_entropy(logits.float(), y), {"acc": top1_accuracy(logits, y)})
 
-    loop = TrainLoop(
-        model=trained,
-        optimizer=optimizer,
+    last, seconds = train_recipe(
+        model=model,
+        trained=trained,
         step_fn=step_fn,
-        lr_fn=lambda s: lr_at(s, f.lr, f.warmup_steps, f.steps),
-        steps=f.steps,
+        recipe=f,
         batch_size=batch_size,
         run=run,
-        log_every=f.log_every,
-        checkpoint_every=f.checkpoint_every,
         kind="finetune",
         config=config.to_dict(),
         device=device,
-        bf16=opts.bf16,
-        fp16=opts.fp16,
-        accum=opts.accum,
-        progress=opts.progress,
+        opts=opts,
     )
-    start = loop.restore() if opts.resume else 0
-    t0 = time.perf_counter()
-    last = loop.run_steps(start)
-    seconds = time.perf_counter() - t0
 
     def finish() -> dict[str, Any]:
         """Export, evaluate and write the summary: rank 0's work, on the plain model."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +21,10 @@ from selfie.data import load_dataset
 from selfie.data.augment import channel_stats, normalize, pad_crop_flip
 from selfie.data.sampler import EpochSampler, step_generator
 from selfie.device import autocast, check_precision, place
-from selfie.engine import StepResult, TrainLoop
+from selfie.engine import StepResult, train_recipe
 from selfie.errors import UserError
 from selfie.losses import selfie_loss, top1_accuracy
 from selfie.models.selfie import Selfie
-from selfie.optim import lr_at, make_sgd
 from selfie.patches import sample_masks
 from selfie.runfolder import RunOptions, open_run, resolve_config
 
@@ -149,32 +147,21 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     torch.manual_seed(p.seed)  # the same initial weights on every rank
     model = place(Selfie(config), device)
     distributed.seed_other_ranks(p.seed, info.rank)
-    optimizer = make_sgd(model, p.lr, p.momentum, p.weight_decay)
     trained = distributed.prepare_model(model, info, sync_bn=opts.sync_bn, compile=opts.compile)
     n, n_vis = d.num_patches, p.num_visible(d.num_patches)
 
-    loop = TrainLoop(
-        model=trained,
-        optimizer=optimizer,
+    last, train_seconds = train_recipe(
+        model=model,
+        trained=trained,
         step_fn=make_step_fn(trained, config, images, mean, std, info, opts.accum),
-        lr_fn=lambda s: lr_at(s, p.lr, p.warmup_steps, p.steps),
-        steps=p.steps,
+        recipe=p,
         batch_size=p.batch_size,
         run=run,
-        log_every=p.log_every,
-        checkpoint_every=p.checkpoint_every,
         kind="pretrain",
         config=config.to_dict(),
         device=device,
-        bf16=opts.bf16,
-        fp16=opts.fp16,
-        accum=opts.accum,
-        progress=opts.progress,
+        opts=opts,
     )
-    start = loop.restore() if opts.resume else 0
-    t0 = time.perf_counter()
-    last = loop.run_steps(start)
-    train_seconds = time.perf_counter() - t0
 
     def finish() -> dict[str, Any]:
         """Export, evaluate on held-out images and write the summary: rank 0's work, on the

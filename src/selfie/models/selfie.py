@@ -40,6 +40,13 @@ class Selfie(nn.Module):
         )
         self.position = PositionEmbedding(d.grid, dim, m.position)
 
+    def positions_at(self, index: torch.Tensor) -> torch.Tensor:
+        """index (B, K) -> (B, K, D) position embeddings. A gather from the table expanded
+        over the batch rather than `table[index]`: the latter's backward accumulates into
+        shared rows from several threads, which made runs differ in the last bits."""
+        table = self.position()
+        return gather_rows(table.expand(index.shape[0], -1, -1), index)
+
     def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D): every patch of every image through P in one batched call."""
         patches = patchify(images, self.patch_size)
@@ -49,13 +56,12 @@ class Selfie(nn.Module):
 
     def summarize(self, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """h (B, N, D), visible (B, V) -> u (B, D): A over the visible vectors plus positions."""
-        pos = self.position()
-        tokens = gather_rows(h, visible) + pos[visible].to(h.dtype)
+        tokens = gather_rows(h, visible) + self.positions_at(visible).to(h.dtype)
         return self.pool(tokens)
 
     def score(self, u: torch.Tensor, h: torch.Tensor, masked: torch.Tensor) -> SelfieOutput:
         """All masked locations at once: logits[b, j, k] = <u_b + pos_{m_j}, h_{b, m_k}>."""
-        queries = u[:, None, :] + self.position()[masked].to(u.dtype)  # (B, M, D)
+        queries = u[:, None, :] + self.positions_at(masked).to(u.dtype)  # (B, M, D)
         keys = gather_rows(h, masked)  # (B, M, D)
         logits = torch.bmm(queries, keys.transpose(1, 2))  # (B, M, M)
         targets = torch.arange(masked.shape[1], device=masked.device).expand_as(masked)
