@@ -524,8 +524,21 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path):
     assert _steps_on_disk(tmp_path) == [3]
 
 
+@pytest.fixture
+def default_signal_handlers():
+    """A shell starts background jobs with SIGINT ignored, and the loop rightly leaves an
+    ignored signal ignored: give the in-process test the handlers an interactive run has."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @posix
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.usefixtures("default_signal_handlers")
 def test_signal_finishes_the_step_saves_and_restores_handlers(tmp_path: Path, monkeypatch, signum):
     """In-process: a signal during step 4 lets it finish, saves step 5, raises Interrupted with
     exit code 128 + signal; a second signal while saving changes nothing; the previous

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selfie",
         description="Selfie self-supervised pretraining (Trinh, Luong, Le 2019): pretrain a "
         "ResNet on unlabelled images by picking the right patch for each masked location.",
+        epilog="start here:\n"
+        "  selfie quickstart                         the whole story on built-in data, ~2 min\n"
+        "  selfie pretrain --preset cifar10-cpu --data-dir DIR --bf16 --out runs/c10\n"
+        "  selfie finetune --preset cifar10-cpu --labels 0.08 --init runs/c10 --data-dir DIR\n"
+        "  selfie experiment --preset cifar10-cpu --labels 0.05,0.08,0.2 --seeds 5 --tune ...\n"
+        "every command has --help; `selfie presets` lists the settings to start from",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
