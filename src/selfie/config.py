@@ -131,7 +131,7 @@ PRESETS: dict[str, Config] = {
         Config(
             name="paper-imagenet32",
             description="The paper's ImageNet 32x32 setting: ResNet-50 v2, 8-px patches, "
-            "batch 1024, 120k steps (dataset support: see the scale issue).",
+            "batch 1024, 120k steps (official downsampled-ImageNet npz files).",
             model=_PAPER_MODEL,
             data=DataConfig(dataset="imagenet32", num_classes=1000),
             pretrain=PretrainConfig(batch_size=1024),

@@ -15,8 +15,8 @@ import torch
 
 from selfie.errors import UserError
 
-SUPPORTED_DATASETS = ("cifar10", "digits", "folder")
-PLANNED_DATASETS = ("imagenet32", "imagenet224")
+SUPPORTED_DATASETS = ("cifar10", "digits", "folder", "imagenet32")
+PLANNED_DATASETS = ("imagenet224",)
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIRS = {"cifar10": Path("data/cifar10")}
 
@@ -63,6 +63,8 @@ def load_dataset(
     data_dir None means the dataset's default folder ("data/cifar10" for CIFAR-10); digits
     ships inside scikit-learn and ignores data_dir and download. "folder" is any folder of
     images (see `selfie.data.folder` for its rules); it needs data_dir and ignores download.
+    "imagenet32" is the official downsampled ImageNet 32x32 npz files (see
+    `selfie.data.imagenet32`): it needs data_dir, ignores download; "test" is the validation set.
     """
     # Loaders are imported here, not at module top, so `import selfie.data` stays cheap
     # (scikit-learn takes about a second to import) and cifar10/digits can import ImageSet.
@@ -88,6 +90,16 @@ def load_dataset(
                 "per class for labels; train/ and test/ sub-folders for fixed splits)"
             )
         data = load_folder(Path(data_dir), image_size=image_size, split=split)
+    elif name == "imagenet32":
+        from selfie.data.imagenet32 import load_imagenet32
+
+        if data_dir is None:
+            raise UserError(
+                "dataset 'imagenet32' needs --data-dir DIR, the folder holding the official "
+                "32x32 npz files (train_data_batch_1..10.npz, val_data.npz); there is no "
+                "download, ImageNet needs an account"
+            )
+        data = load_imagenet32(Path(data_dir), train=train)
     elif name in PLANNED_DATASETS:
         raise UserError(f"dataset {name!r} is not supported yet; use one of: {supported}")
     else:
