@@ -238,6 +238,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             results[case] = (float(mean_loss), [p.grad.clone() for p in model.parameters()])
         if info.is_main:
             torch.save(results, out)
+        # Leave together: a rank tearing gloo down while the other still works can abort.
+        distributed.barrier()
     finally:
         distributed.destroy()
 
