@@ -4,6 +4,7 @@ FLOP/s as a fraction of this machine's matmul peak (MFU), and the batch pipeline
 (crop/flip, normalise, masks) in images/s. Prints figures; asserts nothing.
 
     python benchmarks/throughput.py --preset cifar10-cpu [--bf16] [--batch-size N]
+        [--device cuda] [--compile]
 
 The last line is one JSON object.
 """
@@ -21,21 +22,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from selfie.config import get_preset
 from selfie.data.augment import normalize, pad_crop_flip
-from selfie.device import place
+from selfie.device import autocast, place
 from selfie.losses import selfie_loss
 from selfie.models.classifier import build_classifier
 from selfie.models.selfie import Selfie
 from selfie.optim import make_sgd
 from selfie.patches import sample_masks
 
+CPU = torch.device("cpu")
 
-def median_seconds(fn: Callable[[], None], warmup: int, reps: int) -> float:
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(
+    fn: Callable[[], object], warmup: int, reps: int, device: torch.device = CPU
+) -> float:
     for _ in range(warmup):
         fn()
+    synchronize(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -46,10 +58,13 @@ def flops_of(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b, out=out), warmup=3, reps=10)
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a large square matmul: 2048 on CPU, 8192 on a GPU (to fill it)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    seconds = median_seconds(lambda: torch.mm(a, b, out=out), 3, 10, device)
     return 2 * n**3 / seconds
 
 
@@ -59,32 +74,40 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     config = get_preset(args.preset)
     b = args.batch_size or config.pretrain.batch_size
     d = config.data
     n_vis = config.pretrain.num_visible(d.num_patches)
     torch.manual_seed(0)
-    raw = torch.randint(0, 256, (b, 3, d.image_size, d.image_size), dtype=torch.uint8)
-    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    g = torch.Generator().manual_seed(0)
+    shape = (b, 3, d.image_size, d.image_size)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
+    mean = torch.full((3,), 0.5, device=device)
+    std = torch.full((3,), 0.25, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = normalize(pad_crop_flip(raw, d.pad, d.flip, g), mean, std)
-        vis, masked = sample_masks(b, d.num_patches, n_vis, g)
+        vis, masked = sample_masks(b, d.num_patches, n_vis, g, device)
         return x.contiguous(memory_format=torch.channels_last), vis, masked
 
     x, vis, masked = batch()
-    labels = torch.randint(0, d.num_classes, (b,))
-    cpu = torch.device("cpu")
-    selfie, resnet = place(Selfie(config), cpu), place(build_classifier(config, "resnet50"), cpu)
+    labels = torch.randint(0, d.num_classes, (b,), device=device)
+    selfie = place(Selfie(config), device)
+    resnet = place(build_classifier(config, "resnet50"), device)
     opt_s = make_sgd(selfie, 0.01, 0.9, 1e-4)
     opt_r = make_sgd(resnet, 0.01, 0.9, 1e-4)
+    run_selfie, run_resnet = selfie, resnet
+    if args.compile:
+        run_selfie, run_resnet = torch.compile(selfie), torch.compile(resnet)
 
     def step(model, opt, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            with autocast(device, bf16=args.bf16):
                 loss = loss_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,21 +116,25 @@ def main() -> None:
         return run
 
     def pretext_loss() -> torch.Tensor:
-        out = selfie(x, vis, masked)
+        out = run_selfie(x, vis, masked)
         return selfie_loss(out.logits, out.targets)
 
     pretrain_step = step(selfie, opt_s, pretext_loss)
-    supervised_step = step(resnet, opt_r, lambda: F.cross_entropy(resnet(x).float(), labels))
+    supervised_step = step(resnet, opt_r, lambda: F.cross_entropy(run_resnet(x).float(), labels))
 
-    t_pre = median_seconds(pretrain_step, 3, args.reps)
-    t_sup = median_seconds(supervised_step, 3, args.reps)
-    t_batch = median_seconds(batch, 3, args.reps * 3)
+    t_pre = median_seconds(pretrain_step, 3, args.reps, device)
+    t_sup = median_seconds(supervised_step, 3, args.reps, device)
+    t_batch = median_seconds(batch, 3, args.reps * 3, device)
+    # FLOPs are counted on the eager models: the compiled graph does the same arithmetic.
+    run_selfie, run_resnet = selfie, resnet
     f_pre, f_sup = flops_of(pretrain_step), flops_of(supervised_step)
-    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32)
+    peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device)
     result = {
         "preset": args.preset,
         "batch_size": b,
         "bf16": args.bf16,
+        "device": str(device),
+        "compile": args.compile,
         "threads": torch.get_num_threads(),
         "pretrain_images_per_s": b / t_pre,
         "supervised_images_per_s": b / t_sup,
