@@ -166,3 +166,19 @@ def test_cli_pretrain_on_fake_folder(tmp_path: Path) -> None:
         argv += ["--set", item]
     argv += ["--steps", "2", "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 0
+
+
+def test_data_check_reports_counts_and_missing_classes(tmp_path: Path, capsys) -> None:
+    """`selfie data check --dataset imagenet32`: the fake set has a few of the 1,000 classes,
+    so each split is reported and the empty classes are a problem (exit 2, one line each);
+    a missing batch is named."""
+    write_fake_imagenet32(tmp_path)
+    code = cli.main(["-q", "data", "check", "--dataset", "imagenet32", "--data-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "train: 30 images" in out and "test: 10 images" in out
+    assert "classes have no image" in err
+    (tmp_path / "train_data_batch_7.npz").unlink()
+    code = cli.main(["-q", "data", "check", "--dataset", "imagenet32", "--data-dir", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "train_data_batch_7.npz" in err

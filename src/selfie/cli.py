@@ -217,15 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a short report; with problems, print one line per problem on "
         "stderr and exit 2. cifar10: every file present, md5 sums (official release or the "
         "known rebuilt copy), safe unpickling, 10,000 rows of 3,072 uint8 per batch, labels "
-        "0..9, 5,000/1,000 per class. folder: layout, counts per class, files that do not "
+        "0..9, 5,000/1,000 per class. imagenet32: every npz file, shapes, dtypes, labels "
+        "1..1000, classes present. folder: layout, counts per class, files that do not "
         "decode, image sizes.",
     )
-    p.add_argument("--dataset", required=True, choices=("cifar10", "folder", "digits"))
+    p.add_argument(
+        "--dataset", required=True, choices=("cifar10", "imagenet32", "folder", "digits")
+    )
     p.add_argument(
         "--data-dir",
         metavar="DIR",
         help="cifar10: the folder that holds cifar-10-batches-py/ (default: data/cifar10); "
-        "folder: the folder of images (required)",
+        "imagenet32: the folder of npz files; folder: the folder of images (required)",
     )
     p.add_argument(
         "--image-size",

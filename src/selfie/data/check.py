@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from selfie.data import DEFAULT_DATA_DIRS
 from selfie.data.cifar10 import FOLDER, META_FILE, TEST_FILES, TRAIN_FILES, read_batch, read_classes
@@ -19,7 +20,7 @@ from selfie.data.download import md5sum
 from selfie.data.folder import HOLD_OUT_EVERY, UNLABELLED, decode_images, scan_folder
 from selfie.errors import UserError
 
-CHECKABLE = ("cifar10", "folder", "digits")
+CHECKABLE = ("cifar10", "imagenet32", "folder", "digits")
 ROWS_PER_BATCH = 10_000  # every CIFAR-10 batch file holds 10,000 images
 NUM_CLASSES = 10
 SHOWN = 20  # undecodable files listed one a line before "and N more"
@@ -70,6 +71,10 @@ def check_dataset(name: str, data_dir: str | Path | None, image_size: int = 32) 
         return check_folder(Path(data_dir), image_size)
     if name == "digits":
         return check_digits()
+    if name == "imagenet32":
+        if data_dir is None:
+            raise UserError("--dataset imagenet32 needs --data-dir DIR, the folder of npz files")
+        return check_imagenet32(Path(data_dir))
     raise UserError(f"cannot check dataset {name!r}; use one of: {', '.join(CHECKABLE)}")
 
 
@@ -240,6 +245,28 @@ def check_folder(root: str | Path, image_size: int = 32) -> CheckResult:
     return result
 
 
+def check_imagenet32(root: Path) -> CheckResult:
+    """Both splits through the loader itself (which checks files, shapes, dtypes and labels
+    1..1000), then the class counts. Reads the whole training set: about 4 GB of memory."""
+    from selfie.data.imagenet32 import load_imagenet32
+
+    result = CheckResult([f"imagenet32 at {root}"])
+    for split in ("train", "test"):
+        try:
+            data = load_imagenet32(root, train=split == "train")
+        except UserError as e:
+            result.problem(f"{split}: {e}")
+            continue
+        counts = torch.bincount(data.labels, minlength=len(data.classes))
+        result.report.append(
+            f"{split}: {len(data):,} images; {int((counts > 0).sum())} of {len(counts)} "
+            f"classes present, {int(counts.min())}-{int(counts.max())} per class"
+        )
+        if bool((counts == 0).any()):
+            result.problem(f"{split}: {int((counts == 0).sum())} classes have no image")
+    return result
+
+
 def check_digits() -> CheckResult:
     """Nothing on disk: the digits ship inside scikit-learn; report their counts."""
     from selfie.data.digits import load_digits
@@ -253,4 +280,11 @@ def check_digits() -> CheckResult:
     )
 
 
-__all__ = ["CHECKABLE", "CheckResult", "check_cifar10", "check_dataset", "check_folder"]
+__all__ = [
+    "CHECKABLE",
+    "CheckResult",
+    "check_cifar10",
+    "check_dataset",
+    "check_folder",
+    "check_imagenet32",
+]
