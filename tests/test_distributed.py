@@ -32,6 +32,7 @@ from selfie.models.selfie import Selfie
 from selfie.optim import make_sgd
 from selfie.pretrain import make_batch, make_step_fn
 from selfie.runfolder import RunFolder, RunOptions, resume_command
+from tests.helpers import assert_pretrain_refused
 
 CPU = torch.device("cpu")
 WORLD, STEP = 2, 3  # two ranks; an arbitrary step of the run
@@ -166,12 +167,7 @@ def test_accumulation_equals_the_whole_batch(tmp_path: Path):
     ],
 )
 def test_bad_distributed_flags_are_one_line_errors(tmp_path: Path, capsys, flags, needle):
-    out = tmp_path / "run"
-    args = ["-q", "pretrain", "--preset", "tiny", "--device", "cpu", "--out", str(out), *flags]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-    assert not out.exists()
+    assert_pretrain_refused(tmp_path, capsys, flags, needle)
 
 
 def test_resume_hint_under_torchrun(tmp_path: Path, monkeypatch):

@@ -13,6 +13,7 @@ from selfie.engine import StepResult, TrainLoop
 from selfie.errors import UserError
 from selfie.optim import lr_at, make_sgd
 from selfie.runfolder import RunFolder
+from tests.helpers import open_test_run
 
 SEED, ITEMS, BATCH = 0, 40, 8
 
@@ -44,9 +45,7 @@ def _loop(path, steps, *, resume=False, step_hook=None, bad_step=None):
             loss = loss * float("nan")
         return StepResult(loss, {"abs_err": (pred - y[idx]).abs().mean().detach()})
 
-    run = RunFolder(path, resume=resume)
-    if not resume:
-        run.write_config({"name": "test"}, {})
+    run = open_test_run(path, resume)
     loop = TrainLoop(
         model=model,
         optimizer=optimizer,

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfie import cli
 from selfie.config import apply_overrides, get_preset
 from selfie.data import load_dataset
 from selfie.data.augment import channel_stats
@@ -22,6 +21,7 @@ from selfie.models.selfie import Selfie
 from selfie.optim import lr_at, make_sgd
 from selfie.pretrain import make_step_fn, pretrain
 from selfie.runfolder import RunFolder, RunOptions
+from tests.helpers import assert_pretrain_refused, open_test_run
 
 CPU = torch.device("cpu")
 STEPS = 5
@@ -95,12 +95,7 @@ def test_bf16_training_tracks_fp32(tmp_path: Path):
 def test_fp16_is_refused_on_the_cpu(tmp_path: Path, capsys, flags, needle):
     """fp16 autocast exists for GPUs without bf16: on the CPU it is a one-line error, and
     nothing is written."""
-    out = tmp_path / "run"
-    args = ["-q", "pretrain", "--preset", "tiny", "--device", "cpu", "--out", str(out), *flags]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-    assert not out.exists()
+    assert_pretrain_refused(tmp_path, capsys, flags, needle)
 
 
 def _fp16_loop(path: Path, steps: int, resume: bool = False) -> TrainLoop:
@@ -109,9 +104,7 @@ def _fp16_loop(path: Path, steps: int, resume: bool = False) -> TrainLoop:
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     x, y = torch.randn(8, 4), torch.randn(8, 1)
-    run = RunFolder(path, resume=resume)
-    if not resume:
-        run.write_config({}, {})
+    run = open_test_run(path, resume)
     return TrainLoop(
         model=model,
         optimizer=make_sgd(model, 0.01, 0.9, 0.0),

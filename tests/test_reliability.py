@@ -32,6 +32,7 @@ from selfie.engine import StepResult, TrainLoop
 from selfie.errors import Interrupted, UserError
 from selfie.optim import lr_at, make_sgd
 from selfie.runfolder import RunFolder, RunOptions, resume_command
+from tests.helpers import open_test_run
 
 # One thread: on a busy 2-core machine torch's default thread pool makes a tiny step 30x
 # slower, and a fixed thread count keeps the float reductions in one order whatever the
@@ -317,9 +318,7 @@ def _loop(
         loss = F.mse_loss(model(F.dropout(x[idx] + jitter, 0.2)), y[idx])
         return StepResult(loss)
 
-    run = RunFolder(path, resume=resume)
-    if not resume:
-        run.write_config({"name": "test"}, {})
+    run = open_test_run(path, resume)
     loop = TrainLoop(
         model=model,
         optimizer=optimizer,
