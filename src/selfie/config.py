@@ -159,7 +159,7 @@ PRESETS: dict[str, Config] = {
             ),
             finetune=FinetuneConfig(
                 batch_size=128,
-                steps=1500,
+                steps=600,
                 lr=0.1,
                 lr_grid=(0.05, 0.1, 0.2),
                 log_every=50,
