@@ -43,15 +43,16 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from selfie.data import ImageSet
 from selfie.errors import UserError
@@ -204,30 +205,77 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+class TooManyPixels(ValueError):
+    """The header declares more than the pixel limit: a decompression bomb, or near enough."""
+
+    def __init__(self, size: tuple[int, int], max_pixels: int) -> None:
+        w, h = size
+        super().__init__(
+            f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} (a decompression bomb?)"
+        )
+        self.size = size
+
+
+@contextmanager
+def open_image(path: str, max_pixels: int) -> Iterator[Image.Image]:
+    """`path` opened by Pillow (nothing decoded yet), once its header passed the pixel limit.
+
+    Raises TooManyPixels for more than max_pixels pixels; Pillow's own bomb warning, between
+    its limit and twice it, is raised as an error too. Anything else a damaged file raises
+    passes through.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            w, h = opened.size
+            if w * h > max_pixels:  # checked on the header, before any pixel is decoded
+                raise TooManyPixels((w, h), max_pixels)
+            yield opened
+
+
+def upright_size(opened: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied, read from the header only."""
+    w, h = opened.size
+    rotated = opened.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    return (h, w) if rotated else (w, h)
+
+
+def upright_rgb(
+    opened: Image.Image, need: tuple[int, int] | None = None
+) -> tuple[Image.Image, float]:
+    """Decode an `open_image` upright and in RGB (module docstring); returns (image, scale).
+
+    need: the smallest upright (width, height) the caller can use. A JPEG is then decoded at
+    1/2, 1/4 or 1/8 scale when that still gives at least `need`, which saves most of the
+    decoding time of a large photo; scale is the decoded size over the stored one (1 for
+    every other format), so a box chosen on `upright_size` maps to the result times scale.
+    """
+    scale = 1.0
+    if need is not None:
+        stored_w = opened.size[0]
+        w, h = need if upright_size(opened) == opened.size else need[::-1]  # to stored axes
+        drafted = opened.draft("RGB", (max(1, w), max(1, h)))  # None where it does not apply
+        if drafted is not None:  # (mode, (0, 0, stored_w / k, stored_h / k)) for 1/k scale
+            scale = drafted[1][2] / stored_w
+    return _to_rgb(ImageOps.exif_transpose(opened)), scale
+
+
 def _decode_one(
     path: str, size: int, keep: bool, max_pixels: int
 ) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
     """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None)."""
     stored = None
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (not raises) between its own limit and twice it: make that an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                stored = opened.size
-                w, h = stored
-                if w * h > max_pixels:  # checked on the header, before any pixel is decoded
-                    why = f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}"
-                    return None, stored, why + " (a decompression bomb?)"
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still leaves the shorter
-                # side >= size, which is most of the decoding time saved for large photos.
-                opened.draft("RGB", (size, size))
-                rgb = _to_rgb(ImageOps.exif_transpose(opened))
-                w, h = rgb.size
-                side = min(w, h)
-                box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-                square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
-                pixels = np.asarray(square).transpose(2, 0, 1) if keep else None  # (3, S, S)
+        with open_image(path, max_pixels) as opened:
+            stored = opened.size
+            rgb, _ = upright_rgb(opened, (size, size))
+            w, h = rgb.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            pixels = np.asarray(square).transpose(2, 0, 1) if keep else None  # (3, S, S)
+    except TooManyPixels as err:
+        return None, err.size, str(err)
     except Exception as err:  # a damaged file can fail with almost any exception type
         return None, stored, f"{type(err).__name__}: {err}"
     return (np.ascontiguousarray(pixels) if keep else None), stored, None
@@ -247,7 +295,7 @@ def default_workers() -> int:
     return os.cpu_count() or 1
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     # fork on Linux: workers start in milliseconds without importing torch again (the same
     # choice as torch's DataLoader); spawn elsewhere, where fork is unsafe (macOS) or absent.
     if sys.platform.startswith("linux"):
@@ -297,7 +345,7 @@ def decode_images(
         for chunk in chunks:
             take(_decode_chunk(chunk, *args))
     else:
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=_pool_context()) as pool:
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=worker_context()) as pool:
             # map yields results in submission order, so file i lands in slot i.
             for results in pool.map(_decode_chunk, chunks, *map(repeat, args)):
                 take(results)
@@ -376,7 +424,11 @@ __all__ = [
     "MAX_PIXELS",
     "Decoded",
     "FolderLayout",
+    "TooManyPixels",
     "decode_images",
     "load_folder",
+    "open_image",
     "scan_folder",
+    "upright_rgb",
+    "upright_size",
 ]
