@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from selfie import cli
+from selfie.config import Config
+from selfie.data import ImageSet
+from selfie.data.source import MemorySource, TrainBatches
+from selfie.distributed import DistInfo
+from selfie.pretrain import train_plan
 from selfie.runfolder import RunFolder
 
 
@@ -37,3 +43,46 @@ def open_test_run(path: Path, resume: bool = False) -> RunFolder:
     if not resume:
         run.write_config({"name": "test"}, {})
     return run
+
+
+def memory_batches(
+    images: torch.Tensor, config: Config, info: DistInfo, accum: int = 1
+) -> TrainBatches:
+    """Pretraining batches of `config` over unlabelled uint8 (N, C, H, W) CPU images."""
+    labels = torch.zeros(len(images), dtype=torch.int64)
+    source = MemorySource(ImageSet(images, labels, ("x",)), config.data.pad, config.data.flip)
+    return source.train_batches(train_plan(config, info, accum), info.device)
+
+
+FAKE_CLASSES = ("ant", "bee", "cat")
+# (width, height, mode, extension) of image i of each class: landscape and portrait JPEGs,
+# greyscale, a PNG, one smaller than the crops, one large enough for reduced-scale decoding.
+FAKE_IMAGES = (
+    (300, 200, "RGB", ".JPEG"),
+    (180, 260, "RGB", ".JPEG"),
+    (120, 90, "L", ".JPEG"),
+    (96, 96, "RGB", ".png"),
+    (70, 50, "RGB", ".JPEG"),
+    (640, 480, "RGB", ".JPEG"),
+)
+CORRUPT = Path("train") / "bee" / "bee_9.JPEG"
+
+
+def write_fake_imagenet(root: Path, val_per_class: int = 2) -> Path:
+    """ImageNet's class-folder layout in miniature: train/<class>/ with the FAKE_IMAGES and
+    one corrupt file (CORRUPT), val/<class>/ with the first `val_per_class` of them. Class c's
+    images are noise over a strong channel c, so a crop's colour tells its class."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in (("train", len(FAKE_IMAGES)), ("val", val_per_class)):
+        for c, name in enumerate(FAKE_CLASSES):
+            for i, (w, h, mode, ext) in enumerate(FAKE_IMAGES[:count]):
+                rng = np.random.default_rng([c, i, split == "val"])
+                pixels = rng.integers(0, 50, (h, w, 3), dtype=np.uint8)
+                pixels[..., c] += 200
+                path = root / split / name / f"{name}_{i}{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).convert(mode).save(path)
+    (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG header")
+    return root

@@ -132,7 +132,7 @@ def test_digits_split_sizes_stratified_and_deterministic() -> None:
 def test_load_dataset_dispatches_and_checks() -> None:
     data = load_dataset("digits", "test", None, 16)
     assert data.images.shape[-2:] == (16, 16)
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="streamed"):
         load_dataset("imagenet224", "train", None, 32)
     with pytest.raises(UserError, match="cifar10, digits"):
         load_dataset("mnist", "train", None, 32)

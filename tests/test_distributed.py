@@ -32,7 +32,7 @@ from selfie.models.selfie import Selfie
 from selfie.optim import make_sgd
 from selfie.pretrain import make_batch, make_step_fn
 from selfie.runfolder import RunFolder, RunOptions, resume_command
-from tests.helpers import assert_pretrain_refused
+from tests.helpers import assert_pretrain_refused, memory_batches
 
 CPU = torch.device("cpu")
 WORLD, STEP = 2, 3  # two ranks; an arbitrary step of the run
@@ -65,7 +65,8 @@ def _loss_and_grads(
     model.zero_grad(set_to_none=True)
     total = torch.zeros(())
     for info, micro, accum in parts:
-        loss = make_step_fn(model, config, images, mean, std, info, accum)(STEP, micro).loss
+        batches = memory_batches(images, config, info, accum)
+        loss = make_step_fn(model, config, batches, mean, std, info, accum)(STEP, micro).loss
         total = total + loss / len(parts)
     total.backward()
     return float(total.detach()), [p.grad.clone() for p in model.parameters()]
@@ -110,10 +111,16 @@ def test_a_share_sees_exactly_the_single_process_rows():
     config = replace(get_preset("tiny"), data=replace(get_preset("tiny").data, flip=True))
     images = _images()[:16]
     mean, std = channel_stats(images)
-    whole = make_batch(images, config, mean, std, step_generator(0, STEP, CPU))
+    batches = memory_batches(images, config, DistInfo(0, 0, 1, CPU))
+
+    def batch(rows: slice) -> tuple[torch.Tensor, ...]:
+        g = step_generator(0, STEP, CPU)
+        x, _ = batches.get(STEP, rows, g)
+        return make_batch(x, 16, config, mean, std, g, rows)
+
+    whole = batch(slice(0, 16))
     for rows in (slice(0, 8), slice(8, 16), slice(4, 8)):
-        part = make_batch(images, config, mean, std, step_generator(0, STEP, CPU), rows=rows)
-        for a, b in zip(whole, part, strict=True):
+        for a, b in zip(whole, batch(rows), strict=True):
             assert torch.equal(a[rows], b)
 
 
@@ -222,7 +229,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         # Eval first, while the BatchNorm running statistics are the initial ones everywhere.
         for case, train, accum in (("eval", False, 1), ("train", True, 1), ("accum", True, 2)):
             ddp.train(train)
-            step_fn = make_step_fn(ddp, config, images, mean, std, info, accum)
+            batches = memory_batches(images, config, info, accum)
+            step_fn = make_step_fn(ddp, config, batches, mean, std, info, accum)
             model.zero_grad(set_to_none=True)
             losses = []
             for micro in range(accum):

@@ -205,18 +205,18 @@ def split_log(monkeypatch):
 
     calls: list[tuple[str, bool]] = []
     state = {"trained": False}
-    real_load, real_run = selfie.finetune.load_dataset, selfie.engine.TrainLoop.run_steps
+    real_load, real_run = selfie.finetune.open_source, selfie.engine.TrainLoop.run_steps
 
-    def load(name, split, *args, **kwargs):
+    def load(data, split, *args, **kwargs):
         calls.append((split, state["trained"]))
-        return real_load(name, split, *args, **kwargs)
+        return real_load(data, split, *args, **kwargs)
 
     def run_steps(self, *args, **kwargs):
         result = real_run(self, *args, **kwargs)
         state["trained"] = True
         return result
 
-    monkeypatch.setattr(selfie.finetune, "load_dataset", load)
+    monkeypatch.setattr(selfie.finetune, "open_source", load)
     monkeypatch.setattr(selfie.engine.TrainLoop, "run_steps", run_steps)
     return calls
 

@@ -21,7 +21,7 @@ from selfie.models.selfie import Selfie
 from selfie.optim import lr_at, make_sgd
 from selfie.pretrain import make_step_fn, pretrain
 from selfie.runfolder import RunFolder, RunOptions
-from tests.helpers import assert_pretrain_refused, open_test_run
+from tests.helpers import assert_pretrain_refused, memory_batches, open_test_run
 
 CPU = torch.device("cpu")
 STEPS = 5
@@ -38,7 +38,9 @@ def test_bf16_loss_and_gradients_match_fp32_on_the_same_weights():
     torch.manual_seed(0)
     model = place(Selfie(config), CPU)
     optimizer = make_sgd(model, p.lr, p.momentum, p.weight_decay)
-    step_fn = make_step_fn(model, config, train.images, mean, std, DistInfo(0, 0, 1, CPU))
+    info = DistInfo(0, 0, 1, CPU)
+    batches = memory_batches(train.images, config, info)
+    step_fn = make_step_fn(model, config, batches, mean, std, info)
 
     def loss_and_grad(step: int, bf16: bool) -> tuple[float, torch.Tensor]:
         model.zero_grad(set_to_none=True)

@@ -55,7 +55,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="dataset root: for cifar10 the folder that holds cifar-10-batches-py/ "
         "(default: data/cifar10); for folder (--set data.dataset=folder) any folder of images, "
-        "class sub-folders giving labels; unused for the built-in digits",
+        "class sub-folders giving labels; for imagenet224 the folder that holds train/ and val/, "
+        "one sub-folder per class in each; unused for the built-in digits",
     )
     p.add_argument("--download", action="store_true", help="fetch the dataset if missing")
     p.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: runs/...)")

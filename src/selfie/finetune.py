@@ -11,6 +11,7 @@ rank 0 alone writes the run folder and evaluates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,9 +22,10 @@ from torch import nn
 from selfie import distributed
 from selfie.checkpoint import export_safetensors, load_weights
 from selfie.config import Config
-from selfie.data import load_dataset
-from selfie.data.augment import channel_stats, normalize, pad_crop_flip
-from selfie.data.sampler import EpochSampler, step_generator
+from selfie.data.augment import normalize
+from selfie.data.crops import FINETUNE
+from selfie.data.sampler import step_generator
+from selfie.data.source import TrainPlan, open_source
 from selfie.data.subsets import (
     balanced_subset,
     per_class_count,
@@ -38,6 +40,8 @@ from selfie.models.classifier import HEADS, build_classifier, transfer_pretraine
 from selfie.runfolder import RunOptions, open_run, resolve_config
 
 log = logging.getLogger(__name__)
+
+EVAL_BATCH = 500  # images per forward pass when evaluating
 
 
 @dataclass(frozen=True)
@@ -57,25 +61,25 @@ class FinetuneSpec:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     mean: torch.Tensor,
     std: torch.Tensor,
     bf16: bool = False,
-    batch_size: int = 500,
     fp16: bool = False,
 ) -> float:
-    """Top-1 accuracy in eval mode; images uint8 (N, C, H, W) and labels (N,) on the device."""
+    """Top-1 accuracy in eval mode over `batches` of uint8 (B, C, H, W) images and (B,) labels
+    on the device (a BatchSource's eval_batches)."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size], mean, std)
+    correct, total = 0, 0
+    for images, labels in batches:
+        x = normalize(images, mean, std)
         with autocast(images.device, bf16, fp16):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
     model.train(was_training)
-    return correct / max(1, len(images))
+    return correct / max(1, total)
 
 
 def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions) -> dict[str, Any]:
@@ -98,7 +102,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     distributed.check_sync_bn(device, opts.sync_bn)
     # Rank 0 first: it alone downloads; the others then find the files.
     train = distributed.main_first(
-        lambda: load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download)
+        lambda: open_source(d, "train", opts.data_dir, download=opts.download)
     )
     if len(train.classes) != d.num_classes:
         raise UserError(
@@ -133,22 +137,18 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         on_open=lambda r: save_indices(r.path / "subset.json", train=train_idx, val=val_idx),
     )
 
-    images = train.images.to(device)
-    labels = train.labels.to(device)
-    mean, std = (t.to(device) for t in channel_stats(train.images))
-    train_idx_dev = train_idx.to(device)
-    sampler = EpochSampler(len(train_idx), batch_size, f.seed)
+    shares = tuple(info.rows(batch_size, micro, opts.accum) for micro in range(opts.accum))
+    plan = TrainPlan(batch_size, f.seed, f.steps, shares, pool=train_idx, crop=FINETUNE)
+    batches = train.train_batches(plan, device)  # draws from the labelled images only
+    mean, std = train.mean.to(device), train.std.to(device)
 
     def step_fn(step: int, micro: int = 0) -> StepResult:
         # Augmentation is drawn for the whole global batch, then cut to this micro-batch of
         # this rank's share: every row is augmented as in the single-process run.
         g = step_generator(f.seed, step, device)
-        idx = train_idx_dev[sampler.batch(step).to(device)]
-        rows = info.rows(batch_size, micro, opts.accum)
-        x = pad_crop_flip(images[idx], d.pad, d.flip, g)[rows]
+        x, y = batches.get(step, info.rows(batch_size, micro, opts.accum), g)
         x = normalize(x, mean, std).contiguous(memory_format=torch.channels_last)
         logits = trained(x)
-        y = labels[idx[rows]]
         return StepResult(F.cross_entropy(logits.float(), y), {"acc": top1_accuracy(logits, y)})
 
     last, seconds = train_recipe(
@@ -163,6 +163,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         device=device,
         opts=opts,
     )
+    batches.close()
 
     def finish() -> dict[str, Any]:
         """Export, evaluate and write the summary: rank 0's work, on the plain model."""
@@ -188,13 +189,13 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         }
         if spec.validation:
             summary["val_images"] = len(val_idx)
-            val = val_idx.to(device)
-            summary["val_acc"] = evaluate(model, images[val], labels[val], mean, std, **precision)
+            val = train.eval_batches(device, EVAL_BATCH, val_idx)
+            summary["val_acc"] = evaluate(model, val, mean, std, **precision)
         else:
             # The test split's first use: after training, for the final figure only.
-            test = load_dataset(d.dataset, "test", opts.data_dir, d.image_size)
+            test = open_source(d, "test", opts.data_dir)
             summary["test_acc"] = evaluate(
-                model, test.images.to(device), test.labels.to(device), mean, std, **precision
+                model, test.eval_batches(device, EVAL_BATCH), mean, std, **precision
             )
         run.write_summary(summary)
         return summary

@@ -17,9 +17,10 @@ from torch import nn
 from selfie import distributed, plots
 from selfie.checkpoint import export_safetensors
 from selfie.config import Config
-from selfie.data import load_dataset
-from selfie.data.augment import channel_stats, normalize, pad_crop_flip
-from selfie.data.sampler import EpochSampler, step_generator
+from selfie.data.augment import normalize
+from selfie.data.crops import PRETRAIN
+from selfie.data.sampler import step_generator
+from selfie.data.source import BatchSource, TrainBatches, TrainPlan, open_source
 from selfie.device import autocast, check_precision, place
 from selfie.engine import StepResult, train_recipe
 from selfie.errors import UserError
@@ -30,53 +31,59 @@ from selfie.runfolder import RunOptions, open_run, resolve_config
 
 log = logging.getLogger(__name__)
 
+HELDOUT_IMAGES = 2000  # held-out images the pretext accuracy is measured on
+
 
 def make_batch(
     images: torch.Tensor,
+    batch_size: int,
     config: Config,
     mean: torch.Tensor,
     std: torch.Tensor,
     generator: torch.Generator,
-    augment: bool = True,
     rows: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 (B, C, H, W) on the device -> normalized channels_last images, visible (R, V)
-    and masked (R, M) indices of the R images in `rows`; augmentation (SPEC 3) and masks drawn
-    from `generator`.
+    """Rows `rows` of a global batch of `batch_size` images, already augmented (SPEC 3), as
+    uint8 (R, C, H, W) on the device -> normalized channels_last images, visible (R, V) and
+    masked (R, M) indices; masks drawn from `generator`.
 
-    The random numbers are drawn for all B images, always in the same order, and only then
-    cut to `rows` (a rank's share of the global batch, or a micro-batch): every row gets
-    exactly the crop, flip and mask the single-process run gives it. Augmenting all B images
-    costs a uint8 gather; only the R kept rows are normalised."""
+    The masks are drawn for all B images, always in the same order, and only then cut to
+    `rows` (a rank's share of the global batch, or a micro-batch): every row gets exactly
+    the mask the single-process run gives it."""
     d = config.data
-    if augment:
-        images = pad_crop_flip(images, d.pad, d.flip, generator)
     n_vis = config.pretrain.num_visible(d.num_patches)
-    visible, masked = sample_masks(len(images), d.num_patches, n_vis, generator, images.device)
-    x = normalize(images[rows], mean, std).contiguous(memory_format=torch.channels_last)
+    visible, masked = sample_masks(batch_size, d.num_patches, n_vis, generator, images.device)
+    x = normalize(images, mean, std).contiguous(memory_format=torch.channels_last)
     return x, visible[rows], masked[rows]
+
+
+def train_plan(config: Config, info: distributed.DistInfo, accum: int = 1) -> TrainPlan:
+    """Pretraining's batches: all training images, this process's micro-batch rows."""
+    p = config.pretrain
+    shares = tuple(info.rows(p.batch_size, micro, accum) for micro in range(accum))
+    return TrainPlan(p.batch_size, p.seed, p.steps, shares, crop=PRETRAIN)
 
 
 def make_step_fn(
     model: nn.Module,
     config: Config,
-    images: torch.Tensor,
+    batches: TrainBatches,
     mean: torch.Tensor,
     std: torch.Tensor,
     info: distributed.DistInfo,
     accum: int = 1,
 ) -> Callable[..., StepResult]:
     """The pretraining step for TrainLoop: step_fn(step, micro) runs `model` on micro-batch
-    `micro` of this rank's share of the step's global batch (EpochSampler and
-    step_generator, both pure in (seed, step)) and returns the loss, the mean over its rows."""
+    `micro` of this rank's share of the step's global batch (`batches`, made from
+    `train_plan`; crops and masks pure in (seed, step)) and returns the loss, the mean over
+    its rows."""
     p = config.pretrain
-    sampler = EpochSampler(len(images), p.batch_size, p.seed)
 
     def step_fn(step: int, micro: int = 0) -> StepResult:
-        g = step_generator(p.seed, step, images.device)
+        g = step_generator(p.seed, step, mean.device)
         rows = info.rows(p.batch_size, micro, accum)
-        batch = images[sampler.batch(step).to(images.device)]
-        x, visible, masked = make_batch(batch, config, mean, std, g, rows=rows)
+        images, _ = batches.get(step, rows, g)  # in-memory: augmented from g before the masks
+        x, visible, masked = make_batch(images, p.batch_size, config, mean, std, g, rows)
         out = model(x, visible, masked)
         loss = selfie_loss(out.logits, out.targets)
         return StepResult(loss, {"pretext_acc": top1_accuracy(out.logits, out.targets)})
@@ -88,7 +95,8 @@ def make_step_fn(
 def pretext_accuracy(
     model: Selfie,
     config: Config,
-    images: torch.Tensor,
+    source: BatchSource,
+    indices: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
     bf16: bool = False,
@@ -97,17 +105,15 @@ def pretext_accuracy(
     seed: int = 1234,
     fp16: bool = False,
 ) -> float:
-    """Top-1 pretext accuracy on held-out images in eval mode, with fixed masks and (if
-    `augment`) the training augmentation, both drawn from `seed`."""
+    """Top-1 pretext accuracy on held-out images (`indices` of `source`) in eval mode, with
+    fixed masks and (if `augment`) the training augmentation, both drawn from `seed`."""
     was_training = model.training
     model.eval()
-    device = images.device
+    device = mean.device
     g = step_generator(seed, 0, device, stream=2)
     correct, total = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        x, vis, masked = make_batch(
-            images[start : start + batch_size], config, mean, std, g, augment
-        )
+    for images, _ in source.eval_batches(device, batch_size, indices, g if augment else None):
+        x, vis, masked = make_batch(images, len(images), config, mean, std, g)
         with autocast(device, bf16, fp16):
             out = model(x, vis, masked)
         correct += float(top1_accuracy(out.logits, out.targets)) * out.targets.numel()
@@ -129,8 +135,8 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     # Rank 0 first: it alone downloads; the others then find the files.
     train, heldout = distributed.main_first(
         lambda: (
-            load_dataset(d.dataset, "train", opts.data_dir, d.image_size, opts.download),
-            load_dataset(d.dataset, "test", opts.data_dir, d.image_size),
+            open_source(d, "train", opts.data_dir, download=opts.download),
+            open_source(d, "test", opts.data_dir),
         )
     )
     if p.batch_size > len(train):
@@ -142,8 +148,8 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     if info.is_main:
         log.info("config: %s", json.dumps(config.to_dict()))
 
-    images = train.images.to(device)  # uint8, once; augmentation runs there, batched
-    mean, std = (t.to(device) for t in channel_stats(train.images))
+    batches = train.train_batches(train_plan(config, info, opts.accum), device)
+    mean, std = train.mean.to(device), train.std.to(device)
     torch.manual_seed(p.seed)  # the same initial weights on every rank
     model = place(Selfie(config), device)
     distributed.seed_other_ranks(p.seed, info.rank)
@@ -153,7 +159,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     last, train_seconds = train_recipe(
         model=model,
         trained=trained,
-        step_fn=make_step_fn(trained, config, images, mean, std, info, opts.accum),
+        step_fn=make_step_fn(trained, config, batches, mean, std, info, opts.accum),
         recipe=p,
         batch_size=p.batch_size,
         run=run,
@@ -162,16 +168,17 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
         device=device,
         opts=opts,
     )
+    batches.close()
 
     def finish() -> dict[str, Any]:
         """Export, evaluate on held-out images and write the summary: rank 0's work, on the
         plain model (no DDP, and no compiled graph to build for another shape)."""
         export_safetensors(model, run.path / "model.safetensors")
-        held_images = heldout.images[:2000].to(device)
+        held_idx = heldout.spread(HELDOUT_IMAGES)
         precision = {"bf16": opts.bf16, "fp16": opts.fp16}
-        held = pretext_accuracy(model, config, held_images, mean, std, **precision)
+        held = pretext_accuracy(model, config, heldout, held_idx, mean, std, **precision)
         held_plain = pretext_accuracy(
-            model, config, held_images, mean, std, augment=False, **precision
+            model, config, heldout, held_idx, mean, std, augment=False, **precision
         )
         records = run.metrics()
         summary = {
@@ -185,7 +192,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
             "final_pretext_acc": last.get("pretext_acc"),
             "heldout_pretext_acc": held,  # with the training augmentation
             "heldout_pretext_acc_unaugmented": held_plain,
-            "heldout_images": min(2000, len(heldout)),
+            "heldout_images": len(held_idx),
             "mean_images_per_s": sum(r["images_per_s"] for r in records) / max(1, len(records)),
             "train_seconds_this_session": train_seconds,
             "device": str(device),

@@ -1,9 +1,13 @@
 """Datasets as uint8 image tensors, and the one entry point that picks a dataset by name.
 
-Every dataset comes back as an `ImageSet`: all images in one uint8 tensor of shape
-(N, 3, H, W) on the CPU, labels as int64 (N,). A whole CIFAR-10 split is 150 MB as uint8,
-so holding it in memory and augmenting batches on the training device (see `augment`) is
-simpler and faster than a per-image `Dataset`/`DataLoader` pipeline.
+Every dataset but the streamed ones comes back as an `ImageSet`: all images in one uint8
+tensor of shape (N, 3, H, W) on the CPU, labels as int64 (N,). A whole CIFAR-10 split is
+150 MB as uint8, so holding it in memory and augmenting batches on the training device (see
+`augment`) is simpler and faster than a per-image `Dataset`/`DataLoader` pipeline.
+
+ImageNet at 224 px (1.28M images) cannot be held so: STREAMED_DATASETS are decoded from their
+files batch by batch (see `stream`). Training code takes either kind through
+`source.open_source`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import torch
 
 from selfie.errors import UserError
 
-SUPPORTED_DATASETS = ("cifar10", "digits", "folder", "imagenet32")
-PLANNED_DATASETS = ("imagenet224",)
+SUPPORTED_DATASETS = ("cifar10", "digits", "folder", "imagenet32")  # held in memory
+STREAMED_DATASETS = ("imagenet224",)  # decoded from files as batches need them
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIRS = {"cifar10": Path("data/cifar10")}
 
@@ -71,7 +75,6 @@ def load_dataset(
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
     train = split == "train"
-    supported = ", ".join(SUPPORTED_DATASETS)
     if name == "cifar10":
         from selfie.data.cifar10 import load_cifar10
 
@@ -100,10 +103,14 @@ def load_dataset(
                 "download, ImageNet needs an account"
             )
         data = load_imagenet32(Path(data_dir), train=train)
-    elif name in PLANNED_DATASETS:
-        raise UserError(f"dataset {name!r} is not supported yet; use one of: {supported}")
+    elif name in STREAMED_DATASETS:
+        raise UserError(
+            f"dataset {name!r} is streamed from its files, never loaded whole; open it with "
+            "selfie.data.source.open_source"
+        )
     else:
-        raise UserError(f"unknown dataset {name!r}; use one of: {supported}")
+        every = ", ".join((*SUPPORTED_DATASETS, *STREAMED_DATASETS))
+        raise UserError(f"unknown dataset {name!r}; use one of: {every}")
 
     h, w = data.images.shape[-2:]
     if (h, w) != (image_size, image_size):
@@ -114,4 +121,4 @@ def load_dataset(
     return data
 
 
-__all__ = ["SUPPORTED_DATASETS", "ImageSet", "load_dataset"]
+__all__ = ["STREAMED_DATASETS", "SUPPORTED_DATASETS", "ImageSet", "load_dataset"]
