@@ -1,4 +1,5 @@
-"""`selfie data check`: real CIFAR-10, fake CIFAR folders with faults, image folders."""
+"""`selfie data check`: real CIFAR-10, fake CIFAR folders with faults, image folders, a
+miniature ImageNet class-folder tree."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from selfie import cli
 from selfie.data import check as check_module
 from selfie.data.check import OFFICIAL, REBUILT, check_cifar10
 from selfie.data.download import md5sum
+from tests.helpers import CORRUPT, write_fake_imagenet
 
 ROWS = 20  # rows per fake batch: 2 of each class
 
@@ -158,3 +160,36 @@ def test_folder_needs_an_existing_data_dir(
 def test_digits_is_fine(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_check(["--dataset", "digits"], capsys)
     assert code == 0 and "train: 1,437 images, test: 360" in out
+
+
+def test_imagenet224_counts_files_per_split_and_decodes_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_fake_imagenet(tmp_path / "imagenet")
+    code, out, err = run_check(["--dataset", "imagenet224", "--data-dir", str(root)], capsys)
+    assert code == 0, err  # files are counted by name: the corrupt one is not opened
+    assert "classes (3): ant, bee, cat" in out
+    assert "train: 19 image files (3 classes, 6-7 per class)" in out
+    assert "test: 6 image files (3 classes, 2 per class)" in out and "--decode" in out
+
+    args = ["--dataset", "imagenet224", "--data-dir", str(root), "--decode"]
+    code, out, err = run_check(args, capsys)
+    assert code == 2
+    (line,) = problems(err)
+    assert str(root / CORRUPT) in line and "does not decode" in line
+    assert "train: 18 images" in out and "under 224 px will be upscaled" in out
+
+
+def test_imagenet224_needs_train_and_class_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_check(["--dataset", "imagenet224"], capsys)
+    assert code == 2 and "--data-dir" in err
+    flat = tmp_path / "flat"  # loose images: no train/, no classes
+    flat.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8)).save(flat / f"{i}.png")
+    code, _, err = run_check(["--dataset", "imagenet224", "--data-dir", str(flat)], capsys)
+    assert code == 2
+    assert any("no train/ folder" in p for p in problems(err))
+    assert any("no class sub-folders" in p for p in problems(err))

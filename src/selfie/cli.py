@@ -220,23 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
         "known rebuilt copy), safe unpickling, 10,000 rows of 3,072 uint8 per batch, labels "
         "0..9, 5,000/1,000 per class. imagenet32: every npz file, shapes, dtypes, labels "
         "1..1000, classes present. folder: layout, counts per class, files that do not "
-        "decode, image sizes.",
+        "decode, image sizes. imagenet224: train/ and val/ class folders, files per class "
+        "(with --decode, also every file decoded, as for folder).",
     )
     p.add_argument(
-        "--dataset", required=True, choices=("cifar10", "imagenet32", "folder", "digits")
+        "--dataset",
+        required=True,
+        choices=("cifar10", "imagenet32", "imagenet224", "folder", "digits"),
     )
     p.add_argument(
         "--data-dir",
         metavar="DIR",
         help="cifar10: the folder that holds cifar-10-batches-py/ (default: data/cifar10); "
-        "imagenet32: the folder of npz files; folder: the folder of images (required)",
+        "imagenet32: the folder of npz files; folder: the folder of images (required); "
+        "imagenet224: the folder that holds train/ and val/",
     )
     p.add_argument(
         "--image-size",
         type=int,
-        default=32,
         metavar="N",
-        help="folder: decode at this size and count the images smaller than it (default 32)",
+        help="folder, imagenet224: decode at this size and count the images smaller than it "
+        "(default 32; 224 for imagenet224)",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="imagenet224: decode every file as well (slow: ImageNet has 1.33M files)",
     )
     return parser
 
@@ -376,7 +385,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     from selfie.data.check import check_dataset
 
     # `data_command` is always "check", the one sub-command so far.
-    result = check_dataset(args.dataset, args.data_dir, args.image_size)
+    size = args.image_size or (224 if args.dataset == "imagenet224" else 32)
+    result = check_dataset(args.dataset, args.data_dir, size, args.decode)
     print("\n".join(result.report))
     if result.problems:
         for problem in result.problems:

@@ -17,10 +17,16 @@ import torch
 from selfie.data import DEFAULT_DATA_DIRS
 from selfie.data.cifar10 import FOLDER, META_FILE, TEST_FILES, TRAIN_FILES, read_batch, read_classes
 from selfie.data.download import md5sum
-from selfie.data.folder import HOLD_OUT_EVERY, UNLABELLED, decode_images, scan_folder
+from selfie.data.folder import (
+    HOLD_OUT_EVERY,
+    UNLABELLED,
+    FolderLayout,
+    decode_images,
+    scan_folder,
+)
 from selfie.errors import UserError
 
-CHECKABLE = ("cifar10", "imagenet32", "folder", "digits")
+CHECKABLE = ("cifar10", "imagenet32", "imagenet224", "folder", "digits")
 ROWS_PER_BATCH = 10_000  # every CIFAR-10 batch file holds 10,000 images
 NUM_CLASSES = 10
 SHOWN = 20  # undecodable files listed one a line before "and N more"
@@ -60,8 +66,11 @@ class CheckResult:
         self.problems.append(" ".join(text.split()))  # one line, whatever the message held
 
 
-def check_dataset(name: str, data_dir: str | Path | None, image_size: int = 32) -> CheckResult:
-    """Check dataset `name` at data_dir (None: the dataset's default folder)."""
+def check_dataset(
+    name: str, data_dir: str | Path | None, image_size: int = 32, decode: bool = False
+) -> CheckResult:
+    """Check dataset `name` at data_dir (None: the dataset's default folder). `decode`:
+    imagenet224 decodes every file too (the other image folders always do)."""
     if name == "cifar10":
         root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIRS["cifar10"]
         return check_cifar10(root)
@@ -75,6 +84,13 @@ def check_dataset(name: str, data_dir: str | Path | None, image_size: int = 32) 
         if data_dir is None:
             raise UserError("--dataset imagenet32 needs --data-dir DIR, the folder of npz files")
         return check_imagenet32(Path(data_dir))
+    if name == "imagenet224":
+        if data_dir is None:
+            raise UserError(
+                "--dataset imagenet224 needs --data-dir DIR, the folder that holds train/ and "
+                "val/ with one sub-folder per class"
+            )
+        return check_imagenet224(Path(data_dir), image_size, decode)
     raise UserError(f"cannot check dataset {name!r}; use one of: {', '.join(CHECKABLE)}")
 
 
@@ -176,19 +192,28 @@ def _check_cifar_split(
         )
 
 
-def check_folder(root: str | Path, image_size: int = 32) -> CheckResult:
+def check_folder(
+    root: str | Path,
+    image_size: int = 32,
+    decode: bool = True,
+    layout: FolderLayout | None = None,
+    fate: str = "would be skipped",
+) -> CheckResult:
     """Layout, classes and counts per split, files that do not decode, stored image sizes.
 
     Every file is decoded exactly as `load_folder` would (pixels are not kept), so a file
-    reported fine here loads fine in training.
+    reported fine here loads fine in training. decode False counts the files by name only.
+    `layout`: the folder's scan_folder, if the caller has it already; `fate`: what training
+    does with a file that does not decode.
     """
     root = Path(root)
     result = CheckResult([f"image folder {root}"])
-    try:
-        layout = scan_folder(root)
-    except UserError as err:
-        result.problem(str(err))
-        return result
+    if layout is None:
+        try:
+            layout = scan_folder(root)
+        except UserError as err:
+            result.problem(str(err))
+            return result
     held = f"test split held out: every {HOLD_OUT_EVERY}th image of each class"
     result.report.append(
         "layout: "
@@ -220,6 +245,10 @@ def check_folder(root: str | Path, image_size: int = 32) -> CheckResult:
                 "sub-folders as the training images"
             )
             continue
+        if not decode:
+            counts = Counter(label for _, label in files)
+            result.report.append(f"{split}: {len(files):,} image files ({_spread(counts)})")
+            continue
         decoded = decode_images([p for p, _ in files], image_size, keep=False)
         counts = Counter(label for (_, label), ok in zip(files, decoded.ok, strict=True) if ok)
         per_class = ", ".join(f"{layout.classes[c]} {counts[c]}" for c in sorted(counts)[:SHOWN])
@@ -237,11 +266,44 @@ def check_folder(root: str | Path, image_size: int = 32) -> CheckResult:
             f" most often {common[0]}x{common[1]} ({times} images); "
             f"{int((short < image_size).sum())} under {image_size} px will be upscaled"
         )
+    if not decode:
+        result.report.append("not decoded (add --decode to decode every file)")
+        return result
     result.report.append(f"undecodable: {len(bad)} files")
     for path, why in bad[:SHOWN]:
-        result.problem(f"{path}: does not decode and would be skipped ({why})")
+        result.problem(f"{path}: does not decode and {fate} ({why})")
     if len(bad) > SHOWN:
         result.problem(f"... and {len(bad) - SHOWN} more files under {root} that do not decode")
+    return result
+
+
+def _spread(counts: Counter[int]) -> str:
+    """ "1,300 per class" or "732-1,300 per class" over the classes present."""
+    low, high = min(counts.values()), max(counts.values())
+    per = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+    return f"{len(counts):,} classes, {per} per class"
+
+
+def check_imagenet224(root: Path, image_size: int = 224, decode: bool = False) -> CheckResult:
+    """The class-folder tree that `--dataset imagenet224` streams: train/ and val/ (or test/)
+    with the same class sub-folders, files and classes counted per split; with `decode`,
+    every file decoded as check_folder does (1.33M files for ImageNet: a long job)."""
+    try:
+        layout = scan_folder(root)
+    except UserError as err:
+        return CheckResult([f"imagenet224 at {root}"], [str(err)])
+    fate = "would train as a black image (left out of evaluation)"
+    result = check_folder(root, image_size, decode=decode, layout=layout, fate=fate)
+    result.report[0] = f"imagenet224 at {root}"
+    if not layout.split_folders:
+        result.problem(
+            f"{root} has no train/ folder; imagenet224 needs {root}/train/<class>/ and "
+            f"{root}/val/<class>/ (or test/)"
+        )
+    elif layout.held_out:
+        result.report.append("note: no val/ or test/ folder: every 10th training image is held out")
+    if layout.classes == (UNLABELLED,):
+        result.problem(f"{root}/train has no class sub-folders; finetuning needs one per class")
     return result
 
 
@@ -287,4 +349,5 @@ __all__ = [
     "check_dataset",
     "check_folder",
     "check_imagenet32",
+    "check_imagenet224",
 ]
