@@ -1,10 +1,12 @@
 """Throughput of one preset, measured in one run: a Selfie pretraining step against a
 supervised finetuning step of the same preset's ResNet on the same batch, the achieved
-FLOP/s as a fraction of this machine's matmul peak (MFU), and the batch pipeline
-(crop/flip, normalise, masks) in images/s. Prints figures; asserts nothing.
+FLOP/s as a fraction of this machine's matmul peak (MFU), and the data loader in images/s:
+CIFAR-10 is read from disk once (`disk_images_per_s`, when --data-dir holds it) and then every
+step's batch is gathered, cropped, flipped, normalised and masked on the device
+(`loader_images_per_s`, the rate training can draw batches at). Prints figures; asserts nothing.
 
     python benchmarks/throughput.py --preset cifar10-cpu [--bf16] [--batch-size N]
-        [--device cuda] [--compile]
+        [--device cuda] [--compile] [--profile N]
 
 The last line is one JSON object.
 """
@@ -15,12 +17,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile, supported_activities
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfie.config import get_preset
+from selfie.data import load_dataset
 from selfie.data.augment import normalize, pad_crop_flip
 from selfie.device import autocast, place
 from selfie.losses import selfie_loss
@@ -58,6 +63,27 @@ def flops_of(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def print_profile(name: str, fn: Callable[[], None], rows: int) -> None:
+    """The `rows` ops with the most self time over 2 steps, after 1 warm-up step."""
+    fn()
+    with profile(activities=supported_activities()) as prof:
+        fn()
+        fn()
+    print(f"--- {name} step, 2 steps ---")
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
+
+
+def disk_images_per_s(data_dir: str) -> float | None:
+    """CIFAR-10's 50,000 training images read and checked from disk, per second (the loader's
+    one-time cost); None when the folder does not hold CIFAR-10."""
+    if not (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        return None
+    t0 = time.perf_counter()
+    train = load_dataset("cifar10", "train", data_dir, 32)
+    return len(train) / (time.perf_counter() - t0)
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
     """FLOP/s of a large square matmul: 2048 on CPU, 8192 on a GPU (to fill it)."""
     n = 2048 if device.type == "cpu" else 8192
@@ -76,6 +102,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--data-dir",
+        default="../shared/data/cifar10",
+        help="CIFAR-10 folder for the disk read figure (skipped when absent)",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="also print the N costliest ops"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -122,6 +156,9 @@ def main() -> None:
     pretrain_step = step(selfie, opt_s, pretext_loss)
     supervised_step = step(resnet, opt_r, lambda: F.cross_entropy(run_resnet(x).float(), labels))
 
+    if args.profile:
+        for name, fn in (("pretrain", pretrain_step), ("supervised", supervised_step)):
+            print_profile(name, fn, args.profile)
     t_pre = median_seconds(pretrain_step, 3, args.reps, device)
     t_sup = median_seconds(supervised_step, 3, args.reps, device)
     t_batch = median_seconds(batch, 3, args.reps * 3, device)
@@ -129,6 +166,7 @@ def main() -> None:
     run_selfie, run_resnet = selfie, resnet
     f_pre, f_sup = flops_of(pretrain_step), flops_of(supervised_step)
     peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device)
+    disk = disk_images_per_s(args.data_dir)
     result = {
         "preset": args.preset,
         "batch_size": b,
@@ -145,6 +183,7 @@ def main() -> None:
         "mfu": f_pre / t_pre / peak,
         "supervised_mfu": f_sup / t_sup / peak,
         "loader_images_per_s": b / t_batch,
+        "disk_images_per_s": disk,
     }
     for key, value in result.items():
         print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")

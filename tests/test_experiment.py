@@ -263,10 +263,13 @@ def test_experiment_with_pretrained_skips_pretraining(
 
 
 def test_report_rerenders_from_results(experiment: Path, tmp_path: Path, capsys):
-    """`selfie report` rebuilds table.md, table.csv and figure.png from results.jsonl alone."""
+    """`selfie report` rebuilds table.md, table.csv and figure.png from the result files alone
+    (results.jsonl; tuning.jsonl and experiment.json for the tuning and the paper's numbers)."""
     out = tmp_path / "exp"
     out.mkdir()
-    shutil.copy(experiment / "results.jsonl", out / "results.jsonl")
+    for name in ("results.jsonl", "tuning.jsonl", "experiment.json"):
+        if (experiment / name).exists():
+            shutil.copy(experiment / name, out / name)
     code, stdout, err = run_cli(["report", str(out)], capsys)
     assert code == 0, err
     assert (out / "table.md").read_text() == (experiment / "table.md").read_text()

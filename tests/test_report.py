@@ -20,6 +20,7 @@ from selfie.report import (
     table2_markdown,
     table_csv,
     table_markdown,
+    tuning_markdown,
     write_report,
 )
 
@@ -117,6 +118,34 @@ def test_table_markdown() -> None:
     assert "| 3/3 | 80.0 ± 1.0 | 80.5 ± 0.5 | +0.5 | 2.0 |" in row
 
 
+def test_table_markdown_beside_the_paper() -> None:
+    """For CIFAR-10 the whole-ResNet table quotes the paper's cells (SPEC 6) at our
+    fractions; the attention head's table does not (the paper's Table 1 is ResNet-50)."""
+    cells = summarize(sample_rows())
+    lines = table_markdown(cells, dataset="cifar10").strip().splitlines()
+    assert lines[0].endswith("| paper: supervised | paper: Selfie |")
+    assert next(x for x in lines if x.startswith("| 8% ")).endswith("| 79.3 ± 1.0 | 80.3 ± 0.3 |")
+    assert next(x for x in lines if x.startswith("| 100% ")).endswith("| 95.5 ± 0.2 | 95.7 ± 0.1 |")
+    assert "paper:" not in table_markdown(cells, head="attention", dataset="cifar10")
+    assert "paper:" not in table_markdown(cells, dataset="folder")
+
+
+def test_tuning_markdown_marks_the_choice() -> None:
+    rows = [
+        {"head": "resnet50", "labels": "frac0.05", "arm": arm, "lr": lr, "val_acc": acc}
+        for arm, lr, acc in [
+            ("scratch", 0.1, 0.50),
+            ("scratch", 0.05, 0.55),
+            ("pretrained", 0.05, 0.60),
+            ("pretrained", 0.1, 0.60),  # a tie goes to the smaller LR, as the experiment does
+        ]
+    ]
+    lines = tuning_markdown(rows).strip().splitlines()
+    assert lines[0] == "| head | labelled | arm | LR 0.05 | LR 0.1 |"
+    assert lines[2] == "| resnet50 | frac0.05 | scratch | **55.0** | 50.0 |"
+    assert lines[3] == "| resnet50 | frac0.05 | pretrained | **60.0** | 60.0 |"
+
+
 def test_table_csv_parses_back() -> None:
     cells = summarize(sample_rows())
     records = list(csv.DictReader(io.StringIO(table_csv(cells))))
@@ -158,6 +187,22 @@ def test_write_report(tmp_path: Path) -> None:
     text = (tmp_path / "report" / "table.md").read_text()
     assert "Table 1: whole ResNet" in text and "Table 2" in text
     assert "80.0 ± 1.0" in text
+    assert "paper:" not in text and "tuning" not in text  # no experiment.json, no tuning.jsonl
+
+
+def test_write_report_reads_the_experiment(tmp_path: Path) -> None:
+    """Beside experiment.json and tuning.jsonl, the report adds the paper and the tuning."""
+    results = write_jsonl(tmp_path / "results.jsonl", sample_rows())
+    (tmp_path / "experiment.json").write_text(
+        json.dumps({"config": {"data": {"dataset": "cifar10"}}})
+    )
+    tuning = {"head": "resnet50", "labels": "frac0.08", "arm": "scratch", "lr": 0.1, "val_acc": 0.7}
+    write_jsonl(tmp_path / "tuning.jsonl", [tuning])
+    write_report(results, tmp_path)
+    text = (tmp_path / "table.md").read_text()
+    assert "| 79.3 ± 1.0 | 80.3 ± 0.3 |" in text
+    assert "| resnet50 | frac0.08 | scratch | **70.0** |" in text
+    assert (tmp_path / "figure.png").stat().st_size < 300_000
 
 
 def test_read_results_missing_or_empty(tmp_path: Path) -> None:

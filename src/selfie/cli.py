@@ -348,7 +348,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         args.data_dir, args.device, args.bf16, args.download, sys.stderr.isatty(), hint
     )
     cells = run_experiment(validate(config), plan, out, runtime)
-    print(table_markdown(cells, heads[0]))
+    print(table_markdown(cells, heads[0], config.data.dataset))
     print(f"experiment folder: {out} (table.md, table.csv, figure.png, results.jsonl)")
 
 

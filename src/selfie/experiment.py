@@ -140,6 +140,7 @@ def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[r
                                 "val_acc": s["val_acc"],
                             }
                         )
+                        _write_lines(out / "tuning.jsonl", tuning)
                     # Best validation accuracy; a tie goes to the smaller LR.
                     lr = -max(scores)[1]
                 for k in range(plan.seeds):
@@ -160,7 +161,6 @@ def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[r
                     )
                     # Rewritten after every run: partial results are readable at any time.
                     _write_lines(out / "results.jsonl", results)
-    _write_lines(out / "tuning.jsonl", tuning)
     return report.write_report(out / "results.jsonl", out)
 
 

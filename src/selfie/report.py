@@ -37,30 +37,60 @@ HEAD_NAMES = {
     "attention": "P + attention pooling (ResNet-36 + A at paper size)",
 }
 REQUIRED_KEYS = ("head", "labels", "fraction", "arm", "seed", "test_acc")
+TUNING_KEYS = ("head", "labels", "arm", "lr", "val_acc")
+# The paper's Table 1 (SPEC 6; ResNet-50, mean and std over 5 runs, in %): dataset ->
+# labelled fraction -> ((scratch mean, std), (Selfie mean, std)). Shown beside our numbers.
+PAPER_TABLE1: dict[str, dict[float, tuple[tuple[float, float], tuple[float, float]]]] = {
+    "cifar10": {
+        0.05: ((75.9, 0.7), (75.9, 0.4)),
+        0.08: ((79.3, 1.0), (80.3, 0.3)),
+        0.2: ((88.3, 0.3), (89.1, 0.5)),
+        1.0: ((95.5, 0.2), (95.7, 0.1)),
+    },
+    "imagenet32": {
+        0.05: ((13.1, 0.8), (18.3, 0.1)),
+        0.1: ((25.9, 0.5), (30.2, 0.5)),
+        0.2: ((32.7, 0.4), (33.5, 0.2)),
+        1.0: ((55.7, 0.6), (56.4, 0.6)),
+    },
+    "imagenet224": {
+        0.05: ((35.6, 0.7), (46.7, 0.4)),
+        0.1: ((59.6, 0.2), (61.9, 0.2)),
+        0.2: ((65.7, 0.7), (67.1, 0.2)),
+        1.0: ((76.9, 0.2), (77.0, 0.1)),
+    },
+}
 DASH = "—"
+
+
+def read_lines(path: Path, required: tuple[str, ...] = TUNING_KEYS) -> list[dict]:
+    """One dict per non-blank line of a .jsonl file, each holding the `required` keys and an
+    arm from ARMS."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    return [
+        _parse_row(line, path, number, required)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
 
 
 def read_results(path: Path) -> list[dict]:
     """One dict per non-blank line of results.jsonl."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            rows.append(_parse_row(line, path, number))
+    rows = read_lines(path, REQUIRED_KEYS)
     if not rows:
         raise UserError(f"no results yet in {path}; run some finetuning experiments first")
     return rows
 
 
-def _parse_row(line: str, path: Path, number: int) -> dict[str, Any]:
+def _parse_row(line: str, path: Path, number: int, required: tuple[str, ...]) -> dict[str, Any]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number} is not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise UserError(f"{path} line {number} is not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in row]
+    missing = [k for k in required if k not in row]
     if missing:
         raise UserError(f"{path} line {number} lacks {', '.join(missing)}")
     if row["arm"] not in ARMS:
@@ -200,12 +230,29 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_markdown(cells: list[Cell], head: str = "resnet50") -> str:
-    """Table 1 for one head: test accuracy (%), mean ± sample std over seeds."""
+PaperCell = tuple[tuple[float, float], tuple[float, float]]
+
+
+def paper_cell(dataset: str | None, fraction: float) -> PaperCell | None:
+    """The paper's ((scratch mean, std), (Selfie mean, std)) at this fraction, or None."""
+    for paper_fraction, values in PAPER_TABLE1.get(dataset or "", {}).items():
+        if math.isclose(fraction, paper_fraction, rel_tol=0.02):
+            return values
+    return None
+
+
+def table_markdown(cells: list[Cell], head: str = "resnet50", dataset: str | None = None) -> str:
+    """Table 1 for one head: test accuracy (%), mean ± sample std over seeds. With the
+    dataset of one of the paper's rows, the whole-ResNet table also shows the paper's numbers."""
+    mine = [c for c in cells if c.head == head]
+    paper = head == "resnet50" and any(paper_cell(dataset, c.fraction) for c in mine)
     header = ["labelled", "n", ARM_NAMES["scratch"], ARM_NAMES["pretrained"]]
     header += ["difference", "std ratio", "Welch p"]
-    rows = [
-        [
+    if paper:
+        header += ["paper: supervised", "paper: Selfie"]
+    rows = []
+    for c in mine:
+        row = [
             _labelled(c),
             f"{len(c.scratch)}/{len(c.pretrained)}",
             _mean_std(c.scratch_mean, c.scratch_std),
@@ -214,10 +261,35 @@ def table_markdown(cells: list[Cell], head: str = "resnet50") -> str:
             _ratio(c.std_ratio),
             _p(c.p_value),
         ]
-        for c in cells
-        if c.head == head
-    ]
+        if paper:
+            ref = paper_cell(dataset, c.fraction)
+            row += [_mean_std(*arm) for arm in ref] if ref else [DASH, DASH]
+        rows.append(row)
     return _markdown(header, rows)
+
+
+def tuning_markdown(rows: list[dict]) -> str:
+    """Validation accuracy (%) of each tuning run: one row per (head, labels, arm), one
+    column per peak LR; the chosen LR (best, ties to the smaller) in bold."""
+    lrs = sorted({float(r["lr"]) for r in rows})
+    groups: dict[tuple[str, str, str], dict[float, float]] = {}
+    for r in rows:
+        groups.setdefault((r["head"], r["labels"], r["arm"]), {})[float(r["lr"])] = r["val_acc"]
+    header = ["head", "labelled", "arm"] + [f"LR {lr:g}" for lr in lrs]
+    table = []
+    for (head, labels, arm), scores in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
+        best = max(scores, key=lambda lr: (scores[lr], -lr))
+        cells = []
+        for lr in lrs:
+            text = f"{100 * scores[lr]:.1f}" if lr in scores else DASH
+            cells.append(f"**{text}**" if lr == best else text)
+        table.append([head, labels, arm, *cells])
+    return _markdown(header, table)
+
+
+def _group_key(key: tuple[str, str, str]) -> tuple:
+    head, labels, arm = key
+    return (_head_key(head), labels, ARMS.index(arm) if arm in ARMS else len(ARMS))
 
 
 CSV_COLUMNS = [
@@ -272,8 +344,11 @@ def table2_markdown(cells: list[Cell]) -> str:
 # --- figure ---------------------------------------------------------------------------------
 
 
-def figure(cells: list[Cell], path: Path, head: str = "resnet50") -> None:
-    """Figure 4: test accuracy (%) against labelled fraction, both arms, ± sample std."""
+def figure(
+    cells: list[Cell], path: Path, head: str = "resnet50", dataset: str | None = None
+) -> None:
+    """Figure 4: test accuracy (%) against labelled fraction, both arms, ± sample std; with
+    a dataset of the paper's, its ResNet-50 numbers as faint dashed lines."""
     mine = [c for c in cells if c.head == head]
     if not mine:
         raise UserError(f"no results for head {head!r} to plot")
@@ -284,7 +359,19 @@ def figure(cells: list[Cell], path: Path, head: str = "resnet50") -> None:
         means = [getattr(c, f"{arm}_mean") for c in points]
         stds = [np.nan_to_num(getattr(c, f"{arm}_std")) for c in points]
         xs = [c.fraction * nudge for c in points]
-        ax.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=ARM_NAMES[arm])
+        line = ax.errorbar(xs, means, yerr=stds, marker=marker, capsize=3, label=ARM_NAMES[arm])
+        papers = [(c.fraction, paper_cell(dataset, c.fraction)) for c in points]
+        refs = [(f, ref[ARMS.index(arm)][0]) for f, ref in papers if ref and head == "resnet50"]
+        if refs:
+            ax.plot(
+                *zip(*refs, strict=True),
+                linestyle="--",
+                marker=marker,
+                fillstyle="none",
+                alpha=0.45,
+                color=line.lines[0].get_color(),
+                label=f"paper (ResNet-50): {ARM_NAMES[arm]}",
+            )
     fractions = sorted({c.fraction for c in mine})
     ax.set_xscale("log")
     ax.set_xticks(fractions, [_percent(f) for f in fractions])
@@ -298,23 +385,41 @@ def figure(cells: list[Cell], path: Path, head: str = "resnet50") -> None:
     plt.close(fig)
 
 
-def _table_md(cells: list[Cell]) -> str:
+def _table_md(cells: list[Cell], dataset: str | None, tuning: list[dict]) -> str:
     heads = sorted({c.head for c in cells}, key=_head_key)
     parts = ["# Results\n", "Test accuracy (%), mean ± sample std over seeds; n = runs per arm.\n"]
     for head in heads:
-        parts += [f"## Table 1: {HEAD_NAMES.get(head, head)}\n", table_markdown(cells, head)]
+        parts += [f"## Table 1: {HEAD_NAMES.get(head, head)}\n"]
+        parts += [table_markdown(cells, head, dataset)]
     if all(h in heads for h in HEAD_ORDER):
         parts += ["## Table 2: pretrained heads compared\n", table2_markdown(cells)]
+    if tuning:
+        parts += ["## Peak-LR tuning: validation accuracy (%) on the 90/10 split\n"]
+        parts += [tuning_markdown(tuning)]
     return "\n".join(parts)
 
 
+def _dataset_of(folder: Path) -> str | None:
+    """The dataset of the experiment in `folder` (from experiment.json), if it says."""
+    path = folder / "experiment.json"
+    try:
+        return str(json.loads(path.read_text())["config"]["data"]["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_report(results_path: Path, out_dir: Path) -> list[Cell]:
-    """results.jsonl -> out_dir/{table.md, table.csv, figure.png}. The figure shows
-    ResNet-50 when it has results, otherwise the first head that does."""
+    """results.jsonl (and tuning.jsonl beside it, if any) -> out_dir/{table.md, table.csv,
+    figure.png}. The figure shows ResNet-50 when it has results, otherwise the first head
+    that does; the paper's numbers are added when out_dir's experiment.json names one of
+    its datasets."""
+    results_path, out_dir = Path(results_path), Path(out_dir)
     cells = summarize(read_results(results_path))
-    out_dir = Path(out_dir)
+    tuning_path = results_path.with_name("tuning.jsonl")
+    tuning = read_lines(tuning_path) if tuning_path.exists() else []
+    dataset = _dataset_of(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table.md").write_text(_table_md(cells))
+    (out_dir / "table.md").write_text(_table_md(cells, dataset, tuning))
     (out_dir / "table.csv").write_text(table_csv(cells))
-    figure(cells, out_dir / "figure.png", head=cells[0].head)
+    figure(cells, out_dir / "figure.png", head=cells[0].head, dataset=dataset)
     return cells
