@@ -142,8 +142,8 @@ def test_tuning_markdown_marks_the_choice() -> None:
     ]
     lines = tuning_markdown(rows).strip().splitlines()
     assert lines[0] == "| head | labelled | arm | LR 0.05 | LR 0.1 |"
-    assert lines[2] == "| resnet50 | frac0.05 | scratch | **55.0** | 50.0 |"
-    assert lines[3] == "| resnet50 | frac0.05 | pretrained | **60.0** | 60.0 |"
+    assert lines[2] == "| resnet50 | 5% | scratch | **55.0** | 50.0 |"
+    assert lines[3] == "| resnet50 | 5% | pretrained | **60.0** | 60.0 |"
 
 
 def test_table_csv_parses_back() -> None:
@@ -201,7 +201,7 @@ def test_write_report_reads_the_experiment(tmp_path: Path) -> None:
     write_report(results, tmp_path)
     text = (tmp_path / "table.md").read_text()
     assert "| 79.3 ± 1.0 | 80.3 ± 0.3 |" in text
-    assert "| resnet50 | frac0.08 | scratch | **70.0** |" in text
+    assert "| resnet50 | 8% | scratch | **70.0** |" in text
     assert (tmp_path / "figure.png").stat().st_size < 300_000
 
 

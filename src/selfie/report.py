@@ -215,6 +215,13 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:.3g}%"
 
 
+def _amount(labels: str) -> str:
+    """A run's labels name as a reader writes it: "frac0.05" -> "5%", "25pc" -> "25/class"."""
+    if labels.startswith("frac"):
+        return _percent(float(labels[4:]))
+    return f"{labels[:-2]}/class" if labels.endswith("pc") else labels
+
+
 def _labelled(cell: Cell) -> str:
     """ "8%" for a fraction; "400/class (8%)" for a per-class count."""
     if cell.labels.startswith("frac"):
@@ -283,7 +290,7 @@ def tuning_markdown(rows: list[dict]) -> str:
         for lr in lrs:
             text = f"{100 * scores[lr]:.1f}" if lr in scores else DASH
             cells.append(f"**{text}**" if lr == best else text)
-        table.append([head, labels, arm, *cells])
+        table.append([head, _amount(labels), arm, *cells])
     return _markdown(header, table)
 
 
