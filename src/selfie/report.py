@@ -386,7 +386,7 @@ def figure(
     ax.set(xlabel="labelled fraction of the training set", ylabel="test accuracy (%)")
     ax.set_title(f"{HEAD_NAMES.get(head, head)}: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
