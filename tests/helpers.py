@@ -86,3 +86,14 @@ def write_fake_imagenet(root: Path, val_per_class: int = 2) -> Path:
                 Image.fromarray(pixels).convert(mode).save(path)
     (root / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG header")
     return root
+
+
+# --set overrides that shrink a paper preset's network to the tiny preset's sizes.
+TINY_NETWORK = [
+    "model.widths=(8,16,32,64)",
+    "model.stem_width=8",
+    "model.layers=(1,1,1,1)",
+    "model.block='basic'",
+    "model.attn_heads=1",
+    "model.attn_intermediate=20",
+]

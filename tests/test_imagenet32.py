@@ -12,6 +12,7 @@ from selfie import cli
 from selfie.data import ImageSet, load_dataset
 from selfie.data.imagenet32 import load_imagenet32
 from selfie.errors import UserError
+from tests.helpers import TINY_NETWORK
 
 ROW = 3 * 32 * 32
 
@@ -152,15 +153,7 @@ def test_load_dataset(tmp_path: Path) -> None:
 def test_cli_pretrain_on_fake_folder(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     write_fake_imagenet32(data_dir)
-    tiny = [
-        "model.widths=(8,16,32,64)",
-        "model.stem_width=8",
-        "model.layers=(1,1,1,1)",
-        "model.block='basic'",
-        "model.attn_heads=1",
-        "model.attn_intermediate=20",
-        "pretrain.batch_size=8",
-    ]
+    tiny = [*TINY_NETWORK, "pretrain.batch_size=8"]
     argv = ["pretrain", "--preset", "paper-imagenet32", "--data-dir", str(data_dir)]
     for item in tiny:
         argv += ["--set", item]

@@ -29,7 +29,14 @@ from selfie.data.crops import (
 from selfie.data.source import TrainPlan, open_source
 from selfie.data.stream import IMAGENET_MEAN, StreamSource
 from selfie.errors import UserError
-from tests.helpers import CORRUPT, FAKE_CLASSES, FAKE_IMAGES, run_cli, write_fake_imagenet
+from tests.helpers import (
+    CORRUPT,
+    FAKE_CLASSES,
+    FAKE_IMAGES,
+    TINY_NETWORK,
+    run_cli,
+    write_fake_imagenet,
+)
 
 CPU = torch.device("cpu")
 S = 32  # crop size of the fast tests
@@ -255,12 +262,7 @@ def test_layout_errors_are_user_errors(tmp_path: Path) -> None:
 # --- end to end -----------------------------------------------------------------------------
 
 SMALL = [  # paper-imagenet224 with a tiny network (the tiny preset's sizes)
-    "model.widths=(8,16,32,64)",
-    "model.stem_width=8",
-    "model.layers=(1,1,1,1)",
-    "model.block='basic'",
-    "model.attn_heads=1",
-    "model.attn_intermediate=20",
+    *TINY_NETWORK,
     "model.attn_layers=1",
     "data.num_classes=3",
 ]

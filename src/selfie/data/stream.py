@@ -247,13 +247,11 @@ class StreamSource:
         """Centre crops; with a generator, pretraining's crop and flip instead, each image's
         from derive_seed(one seed drawn from the generator now, HELDOUT_STREAM, position)."""
         order = np.arange(len(self)) if indices is None else indices.numpy()
-        base = -1
-        if generator is not None:
-            base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        if base < 0:
+        if generator is None:
             keys: list[Key] = [(int(f), EVAL, -1) for f in order]
         else:
-            seeds = (derive_seed(base, HELDOUT_STREAM, i) for i in range(len(order)))
+            base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            seeds = [derive_seed(base, HELDOUT_STREAM, i) for i in range(len(order))]
             keys = [(int(f), PRETRAIN, s) for f, s in zip(order, seeds, strict=True)]
         chunks = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
         return self._eval(chunks, device)
