@@ -18,7 +18,7 @@ import torch
 from selfie.config import get_preset
 from selfie.data.augment import normalize, pad_crop_flip
 from selfie.data.sampler import step_generator
-from selfie.device import autocast, place
+from selfie.device import autocast, place, warn_if_slow_bf16
 from selfie.losses import selfie_loss
 from selfie.models.selfie import Selfie
 from selfie.optim import lr_at, make_sgd
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     args = parser.parse_args()
     device = torch.device(args.device)
+    warn_if_slow_bf16(device, bf16=True)
     config = get_preset(args.preset)
     p, d = config.pretrain, config.data
     b = args.batch_size or p.batch_size

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.profiler import profile, supported_activities
 from torch.utils.flop_counter import FlopCounterMode
 
-from selfie.config import get_preset
+from selfie.config import apply_overrides, get_preset
 from selfie.data import load_dataset
 from selfie.data.augment import normalize, pad_crop_flip
-from selfie.device import autocast, place
+from selfie.device import autocast, cpu_bf16_emulated, place, warn_if_slow_bf16
 from selfie.losses import selfie_loss
 from selfie.models.classifier import build_classifier
 from selfie.models.selfie import Selfie
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10-cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -112,8 +113,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
+    warn_if_slow_bf16(device, args.bf16)
 
-    config = get_preset(args.preset)
+    config = apply_overrides(get_preset(args.preset), args.overrides)
     b = args.batch_size or config.pretrain.batch_size
     d = config.data
     n_vis = config.pretrain.num_visible(d.num_patches)
@@ -174,6 +176,8 @@ def main() -> None:
         "device": str(device),
         "compile": args.compile,
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_emulated": cpu_bf16_emulated() if device.type == "cpu" else None,
         "pretrain_images_per_s": b / t_pre,
         "supervised_images_per_s": b / t_sup,
         "pretrain_over_supervised": t_sup / t_pre,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,13 @@ CIFAR_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 @pytest.fixture
 def cifar_root() -> Path:
-    """The real CIFAR-10 copy beside the repository (read-only); skip where it is absent."""
+    """The real CIFAR-10 copy beside the repository (read-only); skip where it is absent,
+    except in CI (the CI variable set), where a missing copy is a failure, not a skip."""
     if not (CIFAR_ROOT / "cifar-10-batches-py").is_dir():
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR_ROOT} (the shared data folder is absent)")
+        reason = f"real CIFAR-10 not found at {CIFAR_ROOT} (the shared data folder is absent)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the real-data tests")
+        pytest.skip(reason)
     return CIFAR_ROOT
 
 

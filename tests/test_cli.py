@@ -161,3 +161,64 @@ def test_unwritable_out_folder_is_one_line_exit_2(tmp_path: Path, capsys):
     )
     assert code == 2
     assert err.count("\n") == 1 and "cannot write to" in err and "choose another --out" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["pretrain", "--preset", "tiny"],
+        ["finetune", "--preset", "tiny", "--labels", "5", "--scratch"],
+        ["experiment", "--preset", "tiny", "--labels", "5", "--seeds", "1"],
+    ],
+)
+def test_data_dir_with_the_builtin_digits_is_refused(tmp_path: Path, capsys, command):
+    """The digits read no folder: a --data-dir (a user's photos, say) is a one-line error that
+    names --dataset folder, not a run that silently trains on digits."""
+    photos, out = tmp_path / "photos", tmp_path / "run"
+    photos.mkdir()
+    code, _, err = run_cli([*command, "--data-dir", str(photos), "--out", str(out)], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "built-in digits" in err and "--dataset folder" in err
+    assert not out.exists()
+
+
+def test_data_check_refuses_a_data_dir_for_the_digits(tmp_path: Path, capsys):
+    code, _, err = run_cli(["data", "check", "--dataset", "digits", "--data-dir", "x"], capsys)
+    assert code == 2 and "--dataset folder" in err
+
+
+def _write_two_class_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(10):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (c * 200, i * 20, 50)).save(path)
+    return root
+
+
+def test_dataset_flag_chooses_the_data_like_set(tmp_path: Path, capsys):
+    """--dataset NAME on pretrain and finetune is --set data.dataset=NAME: the tiny preset
+    trains on a folder of images (10 per class; every 10th held out, so 18 train)."""
+    photos = _write_two_class_folder(tmp_path / "photos")
+    flag = run_cli(["show-config", "--preset", "tiny", "--dataset", "folder"], capsys)[1]
+    via_set = run_cli(["show-config", "--preset", "tiny", "--set", "data.dataset=folder"], capsys)
+    assert json.loads(flag) == json.loads(via_set[1])
+    assert json.loads(flag)["config"]["data"]["dataset"] == "folder"
+
+    out = tmp_path / "pre"
+    common = ["--preset", "tiny", "--dataset", "folder", "--data-dir", str(photos)]
+    code, _, err = run_cli(["pretrain", *common, "--out", str(out), "--steps", "2"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["config"]["data"]["dataset"] == "folder"
+    assert json.loads((out / "summary.json").read_text())["train_images"] == 18
+
+    tuned = tmp_path / "fine"
+    args = ["finetune", *common, "--set", "data.num_classes=2", "--labels", "4", "--init"]
+    args += [str(out), "--out", str(tuned), "--steps", "2"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    summary = json.loads((tuned / "summary.json").read_text())
+    assert summary["train_images"] == 8 and summary["test_images"] == 2

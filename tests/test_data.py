@@ -98,6 +98,16 @@ def test_channel_stats_matches_direct_computation() -> None:
     torch.testing.assert_close(std, xf.std(dim=(0, 2, 3), correction=0).float())
 
 
+def test_a_constant_channel_normalises_to_zero_not_nan() -> None:
+    """Images whose blue channel is always 50 (std 0): normalised, that channel is 0."""
+    x = random_images(b=8, h=4, w=4)
+    x[:, 2] = 50
+    mean, std = channel_stats(x)
+    assert std[2] == pytest.approx(1 / 255)
+    out = normalize(x, mean, std)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+
+
 def test_normalize_matches_direct_computation() -> None:
     x = random_images()
     mean, std = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.3, 0.4])

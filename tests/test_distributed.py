@@ -258,7 +258,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path):
       process runs the two halves as two forward passes and averages their losses;
     - train mode with --accum 2: four quarters, the first three inside DDP's no_sync.
 
-    Loss and every gradient agree up to float reduction order."""
+    Loss and every gradient agree up to float reduction order: within 1e-4 of the tensor's
+    largest entry (measured: at most 6e-6, both with the AVX-512 kernels and with the AVX2
+    ones). A tolerance relative to each entry would not hold: an entry that is a sum of many
+    terms cancelling to near zero keeps the rounding error of the terms."""
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     ddp = torch.load(out, weights_only=True)
@@ -273,7 +276,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path):
     for case, (loss, grads) in expected.items():
         assert ddp[case][0] == pytest.approx(loss, rel=1e-5), case
         for name, a, b in zip(dict(model.named_parameters()), ddp[case][1], grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{case}: {name}")
+            scale = float(b.abs().max())
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale, msg=f"{case}: {name}")
     # The comparison can tell: one train-mode pass over all 16 (BatchNorm over the whole
     # batch, as --sync-bn would give) is another loss.
     whole = _loss_and_grads(model, config, [(DistInfo(0, 0, 1, CPU), 0, 1)])[0]

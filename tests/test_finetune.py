@@ -313,6 +313,21 @@ def test_finetune_scratch_writes_run_folder(tmp_path: Path, capsys):
     assert (out / "model.safetensors").exists()
 
 
+def test_finetuning_from_scratch_learns_the_digits(tmp_path: Path):
+    """Finetuning learns, not just runs: the tiny net from scratch, 10 labels per class and 150
+    steps, classifies the 360 test digits far above chance (0.10). Measured on one thread:
+    0.919 with the AVX-512 kernels, 0.903 with the AVX2 ones."""
+    config = tiny(
+        "finetune.steps=150",
+        "finetune.warmup_steps=10",
+        "finetune.log_every=50",
+        "finetune.checkpoint_every=150",
+    )
+    summary = finetune(config, FinetuneSpec(10), RunOptions(out=tmp_path, progress=False))
+    assert summary["train_images"] == 100 and summary["test_images"] == 360
+    assert summary["test_acc"] > 0.7
+
+
 def test_finetune_init_forms(tmp_path: Path, capsys, pretrain_run: Path):
     """--init takes a pretraining run folder, its model.safetensors or its last .pt
     checkpoint; all three start from the same pretrained weights."""

@@ -4,6 +4,7 @@ fp16 GradScaler's state rides in checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfie import device
 from selfie.config import apply_overrides, get_preset
 from selfie.data import load_dataset
 from selfie.data.augment import channel_stats
@@ -139,3 +141,59 @@ def test_grad_scaler_state_is_checkpointed_and_restored(tmp_path: Path):
     assert resumed.restore() == 3
     assert resumed.scaler is not None
     assert resumed.scaler.state_dict() == loop.scaler.state_dict()
+
+
+@pytest.fixture
+def fresh_bf16_check():
+    """cpu_bf16_emulated and its warning are cached per process: clear them around a test."""
+    cached = (device.cpu_bf16_emulated, device._warn_once)  # before a test patches them
+    for f in cached:
+        f.cache_clear()
+    yield
+    for f in cached:
+        f.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "env", "needle"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", {}, None),  # Zen 4
+        ({"avx2", "amx_bf16"}, "AVX512", {"ONEDNN_MAX_CPU_ISA": "ALL"}, None),  # Sapphire Rapids
+        ({"avx2", "fma"}, "AVX2", {}, "no avx512_bf16 or amx_bf16"),  # Zen 3
+        ({"avx2", "avx512_bf16"}, "AVX2", {}, "AVX2 kernels"),  # ATEN_CPU_CAPABILITY=avx2
+        ({"avx512_bf16"}, "AVX512", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2"),
+    ],
+)
+def test_emulated_bf16_is_detected(monkeypatch, fresh_bf16_check, flags, capability, env, needle):
+    """Native bf16 needs the instructions and neither PyTorch's nor oneDNN's kernels capped
+    below them (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 turn a Zen 4 into a Zen 3)."""
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(device, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(device.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reason = device.cpu_bf16_emulated()
+    assert reason is None if needle is None else needle in reason
+
+
+def test_emulated_bf16_warns_once_and_still_runs(
+    tmp_path: Path, monkeypatch, caplog, fresh_bf16_check
+):
+    """--bf16 where bf16 is emulated: one warning naming the cause and the slow-down, for any
+    number of runs in the process; the runs go on in bf16."""
+    monkeypatch.setattr(device, "cpu_bf16_emulated", lambda: "this CPU has no avx512_bf16")
+    config = apply_overrides(get_preset("tiny"), ["pretrain.steps=2"])
+    with caplog.at_level(logging.WARNING, logger="selfie.device"):
+        for name in ("a", "b"):
+            opts = RunOptions(out=tmp_path / name, device="cpu", bf16=True, progress=False)
+            assert pretrain(config, opts)["bf16"] is True
+    warnings = [r.getMessage() for r in caplog.records if r.name == "selfie.device"]
+    assert len(warnings) == 1, warnings
+    assert "emulated" in warnings[0] and "no avx512_bf16" in warnings[0]
+    assert device.EMULATED_BF16_SLOWDOWN in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="selfie.device"):
+        device.warn_if_slow_bf16(CPU, bf16=False)  # fp32: nothing to say
+    assert not caplog.records

@@ -169,20 +169,22 @@ PRESETS: dict[str, Config] = {
         Config(
             name="digits",
             description="The built-in data (scikit-learn's 1,797 handwritten digits at 32x32): "
-            "ResNet-10 v2 (widths 16-128, D=64), pretraining in about a minute.",
+            "ResNet-10 v2 (widths 16-128, D=64), the quickstart's preset (about 3 minutes in all).",
             model=_small((16, 32, 64, 128), stem_width=16),
             data=DataConfig(dataset="digits", flip=False),
+            # Batch sizes and steps chosen for the quickstart on validation digits with
+            # benchmarks/quickstart_settings.py (README: "How the quickstart was set").
             pretrain=PretrainConfig(
-                batch_size=64, steps=600, lr=0.1, log_every=25, checkpoint_every=200
+                batch_size=64, steps=1200, lr=0.1, log_every=50, checkpoint_every=400
             ),
             finetune=FinetuneConfig(
-                batch_size=64,
-                steps=300,
+                batch_size=25,
+                steps=200,
                 lr=0.05,
                 lr_grid=(0.02, 0.05, 0.1),
                 warmup_steps=30,
                 log_every=25,
-                checkpoint_every=300,
+                checkpoint_every=200,
             ),
         ),
         Config(

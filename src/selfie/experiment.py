@@ -25,6 +25,7 @@ from typing import Any
 from selfie import report
 from selfie.checkpoint import list_checkpoints
 from selfie.config import Config, config_from_dict, validate
+from selfie.data import refuse_data_dir
 from selfie.data.subsets import amount_label
 from selfie.errors import UserError
 from selfie.finetune import FinetuneSpec, finetune
@@ -114,6 +115,7 @@ def _check_plan(out: Path, config: Config, plan: Plan) -> None:
 
 def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[report.Cell]:
     config = validate(config)
+    refuse_data_dir(config.data.dataset, rt.data_dir)  # before the folder is written
     _check_plan(out, config, plan)
     init = plan.pretrained or _run_pretrain(config, out / "pretrain", rt)
     tuning, results = [], []

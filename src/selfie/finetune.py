@@ -194,6 +194,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         else:
             # The test split's first use: after training, for the final figure only.
             test = open_source(d, "test", opts.data_dir)
+            summary["test_images"] = len(test)
             summary["test_acc"] = evaluate(
                 model, test.eval_batches(device, EVAL_BATCH), mean, std, **precision
             )

@@ -21,6 +21,7 @@ from selfie.errors import UserError
 
 SUPPORTED_DATASETS = ("cifar10", "digits", "folder", "imagenet32")  # held in memory
 STREAMED_DATASETS = ("imagenet224",)  # decoded from files as batches need them
+DATASETS = (*SUPPORTED_DATASETS, *STREAMED_DATASETS)  # every value of data.dataset
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIRS = {"cifar10": Path("data/cifar10")}
 
@@ -55,6 +56,17 @@ class ImageSet:
         return int(self.images.shape[0])
 
 
+def refuse_data_dir(name: str, data_dir: str | Path | None) -> None:
+    """The built-in digits read no folder: a --data-dir given with them would be ignored, and
+    a user who pointed it at their images would train on digits without knowing."""
+    if name == "digits" and data_dir is not None:
+        raise UserError(
+            f"--data-dir {data_dir}: the dataset is the built-in digits (presets tiny and "
+            "digits), which read no folder; add --dataset folder to use the images in that "
+            "folder (--dataset cifar10 for CIFAR-10), or drop --data-dir"
+        )
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -83,6 +95,7 @@ def load_dataset(
     elif name == "digits":
         from selfie.data.digits import load_digits
 
+        refuse_data_dir(name, data_dir)
         data = load_digits(train=train, image_size=image_size)
     elif name == "folder":
         from selfie.data.folder import load_folder
@@ -109,8 +122,7 @@ def load_dataset(
             "selfie.data.source.open_source"
         )
     else:
-        every = ", ".join((*SUPPORTED_DATASETS, *STREAMED_DATASETS))
-        raise UserError(f"unknown dataset {name!r}; use one of: {every}")
+        raise UserError(f"unknown dataset {name!r}; use one of: {', '.join(DATASETS)}")
 
     h, w = data.images.shape[-2:]
     if (h, w) != (image_size, image_size):
@@ -121,4 +133,11 @@ def load_dataset(
     return data
 
 
-__all__ = ["STREAMED_DATASETS", "SUPPORTED_DATASETS", "ImageSet", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "STREAMED_DATASETS",
+    "SUPPORTED_DATASETS",
+    "ImageSet",
+    "load_dataset",
+    "refuse_data_dir",
+]

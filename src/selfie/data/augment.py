@@ -33,9 +33,11 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     count = images.numel() // c
     mean = total.cpu().double() / count
     var = (total_sq.cpu().double() / count - mean * mean).clamp_min(0)
+    # A channel that never varies (solid test images, a grey scan) would divide by zero:
+    # its std is floored at one grey level, which leaves it at 0 after normalising.
     return (
         (mean / 255).float().to(images.device),
-        (var.sqrt() / 255).float().to(images.device),
+        (var.sqrt() / 255).clamp_min(1 / 255).float().to(images.device),
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfie.data import DEFAULT_DATA_DIRS
+from selfie.data import DATASETS, DEFAULT_DATA_DIRS, refuse_data_dir
 from selfie.data.cifar10 import FOLDER, META_FILE, TEST_FILES, TRAIN_FILES, read_batch, read_classes
 from selfie.data.download import md5sum
 from selfie.data.folder import (
@@ -26,7 +26,6 @@ from selfie.data.folder import (
 )
 from selfie.errors import UserError
 
-CHECKABLE = ("cifar10", "imagenet32", "imagenet224", "folder", "digits")
 ROWS_PER_BATCH = 10_000  # every CIFAR-10 batch file holds 10,000 images
 NUM_CLASSES = 10
 SHOWN = 20  # undecodable files listed one a line before "and N more"
@@ -79,6 +78,7 @@ def check_dataset(
             raise UserError("--dataset folder needs --data-dir DIR, the folder of images")
         return check_folder(Path(data_dir), image_size)
     if name == "digits":
+        refuse_data_dir(name, data_dir)
         return check_digits()
     if name == "imagenet32":
         if data_dir is None:
@@ -91,7 +91,7 @@ def check_dataset(
                 "val/ with one sub-folder per class"
             )
         return check_imagenet224(Path(data_dir), image_size, decode)
-    raise UserError(f"cannot check dataset {name!r}; use one of: {', '.join(CHECKABLE)}")
+    raise UserError(f"cannot check dataset {name!r}; use one of: {', '.join(DATASETS)}")
 
 
 def _md5_line(matched: dict[str, list[str]], present: list[str]) -> str:
@@ -343,7 +343,6 @@ def check_digits() -> CheckResult:
 
 
 __all__ = [
-    "CHECKABLE",
     "CheckResult",
     "check_cifar10",
     "check_dataset",
