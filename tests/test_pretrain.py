@@ -37,7 +37,8 @@ def test_cifar10_pretext_beats_chance(tmp_path: Path, cifar_root: Path):
     """A short cifar10-cpu run on the real CIFAR-10: held-out pretext accuracy >> 1/4.
 
     In fp32: bf16 is emulated, and many times slower, on CPUs without bf16 instructions (the
-    tiny-preset tests of test_precision cover the bf16 path)."""
+    tiny-preset tests of test_precision cover the bf16 path). Measured: 0.611 with the AVX-512
+    kernels, 0.617 with the AVX2 ones."""
     config = shortened(
         get_preset("cifar10-cpu"),
         steps=200,

@@ -440,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
                 "finetune steps as `torchrun ... -m selfie pretrain|finetune`"
             )
         COMMANDS[args.command](args)
+        # Under torchrun, leave together: a rank that tears gloo down while another is still
+        # finishing can abort it ("terminate called without an active exception"). Only on
+        # success: after an error the other ranks may be inside another collective.
+        distributed.barrier()
     except Interrupted as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         return e.exit_code

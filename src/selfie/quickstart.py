@@ -2,8 +2,8 @@
 
 Pretrain on all training digits without labels, then finetune with LABELS_PER_CLASS labels
 per class from the pretrained weights and from scratch, SEEDS seeds each, print the table and
-say what it shows. The settings were chosen on validation digits, on CPUs with and without
-AVX-512, so that the comparison is clear on either (benchmarks/quickstart_settings.py).
+say what it shows, computed from the table. The settings were chosen on validation digits
+(benchmarks/quickstart_settings.py; README, "How the quickstart was set").
 """
 
 from __future__ import annotations
