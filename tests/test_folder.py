@@ -279,3 +279,25 @@ def test_pretrain_on_a_folder_via_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["config"]["data"]["dataset"] == "folder"
     assert (out / "model.safetensors").exists()
+
+
+def test_labelled_amounts_on_unequal_classes_through_finetune(tmp_path: Path, capsys) -> None:
+    """A folder with train/ classes of 30, 60 and 90 images: --labels 1.0 trains on all 180,
+    --labels 0.1 on 6 of each class (10% of 180, split evenly); summary.json and subset.json
+    record every class's count."""
+    from tests.helpers import run_cli
+
+    for c, (name, count) in enumerate((("ant", 30), ("bee", 60), ("cat", 90))):
+        for i in range(count):
+            save(tmp_path / "data" / "train" / name / f"{i}.png", noise(32, 32, 1000 * c + i))
+        save(tmp_path / "data" / "test" / name / "0.png", noise(32, 32, 99_000 + c))
+    common = ["finetune", "--preset", "tiny", "--dataset", "folder", "--scratch"]
+    common += ["--data-dir", str(tmp_path / "data"), "--set", "data.num_classes=3", "--steps", "2"]
+    for amount, counts in (("1.0", [30, 60, 90]), ("0.1", [6, 6, 6])):
+        out = tmp_path / f"run{amount}"
+        code, _, err = run_cli([*common, "--labels", amount, "--out", str(out)], capsys)
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["train_images"] == sum(counts)
+        assert summary["labelled_per_class"] == counts
+        assert json.loads((out / "subset.json").read_text())["labelled_per_class"] == counts

@@ -12,7 +12,7 @@ from selfie.data.subsets import (
     balanced_subset,
     load_indices,
     parse_amount,
-    per_class_count,
+    per_class_counts,
     save_indices,
     split_validation,
 )
@@ -59,21 +59,43 @@ def test_amount_label() -> None:
     assert amount_label(parse_amount("5%")) == "frac0.05"
 
 
-# --- per_class_count / balanced_subset ------------------------------------------------------
+# --- per_class_counts / balanced_subset -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("amount", "expected"), [(0.05, 250), (0.08, 400), (0.2, 1000), (1.0, 5000), (400, 400)]
 )
-def test_per_class_count_cifar_like(amount: float | int, expected: int) -> None:
-    assert per_class_count(cifar_like_labels(), amount, 10) == expected
+def test_per_class_counts_cifar_like(amount: float | int, expected: int) -> None:
+    """CIFAR-10's subsets stay exactly what they were: 250 / 400 / 1,000 / 5,000 per class."""
+    counts = per_class_counts(cifar_like_labels(), amount, 10)
+    assert counts.tolist() == [expected] * 10
 
 
-def test_per_class_count_uses_smallest_class() -> None:
+def test_per_class_counts_on_unequal_classes() -> None:
+    """Classes of 100, 40 and 60 images: a fraction is of the dataset (50% of 200 is about 33
+    per class, balanced, as every class has 33); 100% is every image; a class smaller than the
+    balanced share gives all it has; a count per class larger than a class is an error."""
     labels = torch.tensor([0] * 100 + [1] * 40 + [2] * 60)
-    assert per_class_count(labels, 0.5, 3) == 20
+    assert per_class_counts(labels, 0.5, 3).tolist() == [33, 33, 33]
+    assert per_class_counts(labels, 1.0, 3).tolist() == [100, 40, 60]
+    assert per_class_counts(labels, 0.8, 3).tolist() == [53, 40, 53]  # class 1 has only 40
+    assert per_class_counts(labels, 20, 3).tolist() == [20, 20, 20]
     with pytest.raises(UserError, match="class 1 has only 40"):
-        per_class_count(labels, 41, 3)
+        per_class_counts(labels, 41, 3)
+    with pytest.raises(UserError, match="less than one image per class"):
+        per_class_counts(labels, 0.001, 3)
+
+
+def test_imagenet_like_five_percent_is_about_64_per_class() -> None:
+    """ImageNet's 1,000 classes hold 732 to 1,300 training images; 5% is about 64 of each
+    (the paper's "60 examples per class"), not 5% of the smallest class (37)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(732, 1301, (1000,), generator=g)
+    sizes[0], sizes[1] = 732, 1300
+    labels = torch.repeat_interleave(torch.arange(1000), sizes)
+    counts = per_class_counts(labels, 0.05, 1000)
+    assert set(counts.tolist()) == {round(0.05 * len(labels) / 1000)}
+    assert abs(int(counts.sum()) - 0.05 * len(labels)) < 1000
 
 
 def test_balanced_subset_is_balanced_and_sorted() -> None:

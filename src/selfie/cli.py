@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--labels",
         metavar="AMOUNT",
-        help="labelled images: a fraction of each class (0.08, 8%%) or a whole number of "
+        help="labelled images: a fraction of the training set (0.08, 8%%; 1.0 is every "
+        "labelled image; balanced over the classes where they allow) or a whole number of "
         "images per class (400)",
     )
     init = p.add_mutually_exclusive_group()

@@ -28,7 +28,7 @@ from selfie.data.sampler import step_generator
 from selfie.data.source import TrainPlan, open_source
 from selfie.data.subsets import (
     balanced_subset,
-    per_class_count,
+    per_class_counts,
     save_indices,
     split_validation,
 )
@@ -48,7 +48,7 @@ EVAL_BATCH = 500  # images per forward pass when evaluating
 class FinetuneSpec:
     """What one finetuning run trains: which labels, which head, from which weights."""
 
-    labels: float | int  # a fraction of each class, or images per class (see subsets)
+    labels: float | int  # a fraction of the training set, or images per class (see subsets)
     head: str = "resnet50"
     init: str | None = None  # pretrained weights (run folder, .safetensors or .pt); None: scratch
     validation: bool = False  # hold out finetune.val_fraction of the subset; report val_acc
@@ -111,7 +111,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         )
 
     subset = balanced_subset(train.labels, spec.labels, d.num_classes, f.subset_seed)
-    per_class = per_class_count(train.labels, spec.labels, d.num_classes)
+    per_class = per_class_counts(train.labels, spec.labels, d.num_classes)
     train_idx, val_idx = (
         split_validation(train.labels, subset, f.val_fraction, f.subset_seed)
         if spec.validation
@@ -134,7 +134,9 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
         config,
         opts,
         {"finetune": asdict(spec)},
-        on_open=lambda r: save_indices(r.path / "subset.json", train=train_idx, val=val_idx),
+        on_open=lambda r: save_indices(
+            r.path / "subset.json", train=train_idx, val=val_idx, labelled_per_class=per_class
+        ),
     )
 
     shares = tuple(info.rows(batch_size, micro, opts.accum) for micro in range(opts.accum))
@@ -177,7 +179,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
             "seed": f.seed,
             "lr": f.lr,
             "steps": f.steps,
-            "labelled_per_class": per_class,
+            "labelled_per_class": per_class.tolist(),  # the subset's count of each class
             "train_images": len(train_idx),
             "fraction": len(subset) / len(train),
             "final_loss": last.get("loss"),

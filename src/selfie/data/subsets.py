@@ -1,8 +1,9 @@
 """Labelled subsets of the training set (SPEC 5): class-balanced, seeded, saved as JSON.
 
 An *amount* of labelled data is either a fraction of the training set (float in (0, 1]) or a
-number of images per class (int >= 1). Both become a per-class count, so every subset is
-class-balanced (SPEC 7): CIFAR-10 at 8% is 400 images of each of the 10 classes.
+number of images per class (int >= 1). Both become a count for each class
+(`per_class_counts`), balanced wherever the classes allow it (SPEC 7): CIFAR-10 at 8% is 400
+images of each of the 10 classes; 100% is every labelled image, however unequal the classes.
 
 Index tensors are int64 (K,) positions into the full training split, always sorted, so a
 subset saved with the results can be compared by eye and reloaded exactly.
@@ -72,27 +73,37 @@ def _class_sizes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(labels.long(), minlength=num_classes)
 
 
-def per_class_count(labels: torch.Tensor, amount: float | int, num_classes: int) -> int:
-    """Images to draw from each class. A fraction applies to the smallest class, so the
-    subset stays balanced: CIFAR-10 (5,000 per class) at 5% -> 250, 8% -> 400, 100% -> 5000."""
+def per_class_counts(labels: torch.Tensor, amount: float | int, num_classes: int) -> torch.Tensor:
+    """Images to draw from each class, int64 (num_classes,).
+
+    - 1.0 (100%): every image of every class.
+    - A fraction f < 1: each class gets round(f * N / C) images, N the images and C the
+      classes present, so the subset holds about f of the dataset and is balanced wherever
+      every class can supply that many; a smaller class gives all it has and the others are
+      not topped up (the subset then holds a little less than f). CIFAR-10 (5,000 per class)
+      at 5% -> 250 each, 8% -> 400, 20% -> 1,000; ImageNet (732 to 1,300 per class) at 5% -> 64.
+    - A whole number k: k images of every class (an error if a class has fewer).
+    """
     sizes = _class_sizes(labels, num_classes)
-    smallest = int(sizes.argmin())
-    size = int(sizes[smallest])
     if isinstance(amount, int):
-        count = amount
-        if count > size:
+        smallest = int(sizes.argmin())
+        if amount > int(sizes[smallest]):
+            size = int(sizes[smallest])
             raise UserError(
-                f"{count} labelled images per class asked for, but class {smallest} has only "
+                f"{amount} labelled images per class asked for, but class {smallest} has only "
                 f"{size} images; ask for at most {size} per class"
             )
-    else:
-        count = round(amount * size)
-        if count < 1:
-            raise UserError(
-                f"labelled fraction {amount:g} of the smallest class (class {smallest}, "
-                f"{size} images) is no image at all; ask for a larger fraction"
-            )
-    return count
+        return torch.full_like(sizes, amount)
+    if amount >= 1:
+        return sizes
+    present = int((sizes > 0).sum())
+    each = round(amount * int(sizes.sum()) / max(present, 1))
+    if each < 1:
+        raise UserError(
+            f"labelled fraction {amount:g} of {int(sizes.sum())} images in {present} classes is "
+            "less than one image per class; ask for a larger fraction"
+        )
+    return torch.clamp(sizes, max=each)
 
 
 def _first_per_class(labels: torch.Tensor, take: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -117,10 +128,9 @@ def _first_per_class(labels: torch.Tensor, take: torch.Tensor, g: torch.Generato
 def balanced_subset(
     labels: torch.Tensor, amount: float | int, num_classes: int, seed: int
 ) -> torch.Tensor:
-    """Sorted int64 indices into `labels`: per_class_count images of every class."""
-    count = per_class_count(labels, amount, num_classes)
+    """Sorted int64 indices into `labels`: per_class_counts images of every class."""
+    take = per_class_counts(labels, amount, num_classes)
     g = torch.Generator().manual_seed(derive_seed(seed, SUBSET_STREAM))
-    take = torch.full((num_classes,), count, dtype=torch.int64)
     return _first_per_class(labels.long(), take, g)
 
 
