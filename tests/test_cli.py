@@ -222,3 +222,16 @@ def test_dataset_flag_chooses_the_data_like_set(tmp_path: Path, capsys):
     assert code == 0, err
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["train_images"] == 8 and summary["test_images"] == 2
+
+
+def test_workers_is_for_streamed_data(tmp_path: Path, capsys, caplog):
+    """--workers on an in-memory dataset warns that it does nothing there (the run goes on);
+    a negative count is a one-line error."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--preset", "tiny", "--steps", "2", "--workers", "2", "--out", str(out)]
+    with caplog.at_level("WARNING", logger="selfie.data.source"):
+        code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert any("held in memory" in r.getMessage() for r in caplog.records)
+    code, _, err = run_cli([*args[:-1], str(tmp_path / "neg"), "--workers", "-1"], capsys)
+    assert code == 2 and "--workers -1" in err and not (tmp_path / "neg").exists()

@@ -281,8 +281,8 @@ def cli_args(
 def test_paper_imagenet224_pretrains_and_finetunes_on_a_class_folder_tree(
     tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, one_thread
 ) -> None:
-    """3 pretraining steps at 32 px (2x2 patches of 16), then 3 finetuning steps from them;
-    the test split is opened once, after training."""
+    """3 pretraining steps at 32 px (2x2 patches of 16), then 3 finetuning steps from them
+    with --workers 1; the test split is opened once, after training."""
     pre = tmp_path / "pre"
     code, _, err = run_cli(cli_args("pretrain", tree, pre, 3, 32, 16), capsys)
     assert code == 0, err
@@ -290,19 +290,20 @@ def test_paper_imagenet224_pretrains_and_finetunes_on_a_class_folder_tree(
     assert summary["train_images"] == 19 and summary["heldout_images"] == 6
     assert math.isfinite(summary["final_loss"]) and 0 <= summary["heldout_pretext_acc"] <= 1
 
-    opened: list[str] = []
+    opened: list[tuple[str, int | None]] = []
     real = selfie.finetune.open_source
 
     def open_and_record(data, split, *args, **kwargs):
-        opened.append(split)
+        opened.append((split, kwargs.get("workers")))
         return real(data, split, *args, **kwargs)
 
     monkeypatch.setattr(selfie.finetune, "open_source", open_and_record)
     ft = tmp_path / "ft"
     args = [*cli_args("finetune", tree, ft, 3, 32, 16), "--labels", "5", "--init", str(pre)]
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli([*args, "--workers", "1"], capsys)
     assert code == 0, err
-    assert opened == ["train", "test"]
+    assert opened == [("train", 1), ("test", 1)]  # --workers reaches the streamed loader
+    assert json.loads((ft / "config.json").read_text())["run"]["workers"] == 1
     summary = json.loads((ft / "summary.json").read_text())
     assert summary["train_images"] == 15 and 0 <= summary["test_acc"] <= 1
     assert json.loads((ft / "subset.json").read_text())["train"]

@@ -105,8 +105,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="auto (default), cpu, cuda or cuda:N; under torchrun each process takes "
         "device LOCAL_RANK of the kind given",
     )
+    _add_workers_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+
+
+def _add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes decoding a streamed dataset's files (imagenet224; default: the CPUs "
+        "this process may use, at most 8; 0 decodes in the training process)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch the dataset if missing")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _add_workers_arg(p)
 
     p = sub.add_parser("report", help="render table.md, table.csv, figure.png from results")
     p.add_argument("folder", type=Path, help="an experiment folder holding results.jsonl")
@@ -285,6 +297,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         force=args.force,
         download=args.download,
         progress=sys.stderr.isatty(),
+        workers=args.workers,
     )
 
 
@@ -351,7 +364,13 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     out = args.out or _default_out("experiment", config.name)
     hint = shlex.join(["selfie", *args.argv, *([] if args.out else ["--out", str(out)])])
     runtime = Runtime(
-        args.data_dir, args.device, args.bf16, args.download, sys.stderr.isatty(), hint
+        args.data_dir,
+        args.device,
+        args.bf16,
+        args.download,
+        sys.stderr.isatty(),
+        hint,
+        workers=args.workers,
     )
     cells = run_experiment(validate(config), plan, out, runtime)
     print(table_markdown(cells, heads[0], config.data.dataset))

@@ -55,6 +55,7 @@ class Runtime:
     download: bool = False
     progress: bool = True
     resume_hint: str | None = None  # the experiment's own command, quoted on interruption
+    workers: int | None = None  # decoding processes of a streamed dataset
 
 
 def _options(folder: Path, rt: Runtime) -> RunOptions:
@@ -71,6 +72,7 @@ def _options(folder: Path, rt: Runtime) -> RunOptions:
         download=rt.download,
         progress=rt.progress,
         resume_hint=rt.resume_hint,
+        workers=rt.workers,
     )
 
 

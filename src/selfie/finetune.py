@@ -102,7 +102,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     distributed.check_sync_bn(device, opts.sync_bn)
     # Rank 0 first: it alone downloads; the others then find the files.
     train = distributed.main_first(
-        lambda: open_source(d, "train", opts.data_dir, download=opts.download)
+        lambda: open_source(d, "train", opts.data_dir, download=opts.download, workers=opts.workers)
     )
     if len(train.classes) != d.num_classes:
         raise UserError(
@@ -195,7 +195,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
             summary["val_acc"] = evaluate(model, val, mean, std, **precision)
         else:
             # The test split's first use: after training, for the final figure only.
-            test = open_source(d, "test", opts.data_dir)
+            test = open_source(d, "test", opts.data_dir, workers=opts.workers)
             summary["test_images"] = len(test)
             summary["test_acc"] = evaluate(
                 model, test.eval_batches(device, EVAL_BATCH), mean, std, **precision

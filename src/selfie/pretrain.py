@@ -135,8 +135,8 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     # Rank 0 first: it alone downloads; the others then find the files.
     train, heldout = distributed.main_first(
         lambda: (
-            open_source(d, "train", opts.data_dir, download=opts.download),
-            open_source(d, "test", opts.data_dir),
+            open_source(d, "train", opts.data_dir, download=opts.download, workers=opts.workers),
+            open_source(d, "test", opts.data_dir, workers=opts.workers),
         )
     )
     if p.batch_size > len(train):

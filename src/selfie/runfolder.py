@@ -176,6 +176,7 @@ class RunOptions:
     force: bool = False
     download: bool = False
     progress: bool = True
+    workers: int | None = None  # decoding processes of a streamed dataset; None: CPUs, <= 8
     # The command that continues this run, quoted when it is interrupted; None: the
     # `selfie <kind> --resume` line resume_command builds. The experiment runner sets its own.
     resume_hint: str | None = None
@@ -184,7 +185,7 @@ class RunOptions:
 def resume_command(kind: str, opts: RunOptions) -> str:
     """The command line that resumes a `kind` run started with `opts` (under torchrun: with
     torchrun's process counts). The options a resume does not read back from config.json
-    (data folder, device, precision, accumulation, sync-bn, compile) are repeated, so the
+    (data folder, device, precision, accumulation, sync-bn, compile, workers) are repeated, so the
     resumed run reads the same data with the same numerics."""
     if opts.resume_hint:
         return opts.resume_hint
@@ -199,6 +200,8 @@ def resume_command(kind: str, opts: RunOptions) -> str:
         parts += ["--accum", str(opts.accum)]
     if opts.compile:
         parts.append("--compile")
+    if opts.workers is not None:
+        parts += ["--workers", str(opts.workers)]
     return shlex.join(parts)
 
 
@@ -251,6 +254,7 @@ def open_run(
                 "compile": opts.compile,
                 "accum": opts.accum,
                 "sync_bn": opts.sync_bn,
+                "workers": opts.workers,
                 "world_size": distributed.world_size(),
             }
             run.write_config(config.to_dict(), {**how, "data_dir": opts.data_dir, **(extra or {})})

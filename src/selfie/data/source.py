@@ -17,6 +17,7 @@ as uint8 (R, C, S, S) images and int64 (R,) labels on the device. Evaluation goe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,6 +30,9 @@ from selfie.config import DataConfig
 from selfie.data import STREAMED_DATASETS, ImageSet, load_dataset
 from selfie.data.augment import channel_stats, pad_crop_flip
 from selfie.data.sampler import EpochSampler
+from selfie.errors import UserError
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (R, C, S, S) and int64 (R,), on the device
 
@@ -166,11 +170,20 @@ def open_source(
     """Split "train" or "test" of dataset data.dataset at data.image_size: streamed from its
     files (STREAMED_DATASETS; `workers` decoding processes, None: as many as CPUs, at most 8)
     or loaded whole by `load_dataset` and augmented with data.pad and data.flip."""
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: give 0 (decode in this process) or more")
     if data.dataset in STREAMED_DATASETS:
         from selfie.data.stream import open_stream
 
         return open_stream(
             data.dataset, split, data_dir, data.image_size, flip=data.flip, workers=workers
+        )
+    if workers is not None and split == "train":
+        log.warning(
+            "--workers %d: %s is held in memory, not streamed; the flag is for %s",
+            workers,
+            data.dataset,
+            ", ".join(STREAMED_DATASETS),
         )
     images = load_dataset(data.dataset, split, data_dir, data.image_size, download)
     return MemorySource(images, data.pad, data.flip)
