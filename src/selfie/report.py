@@ -381,6 +381,8 @@ def figure(
             )
     fractions = sorted({c.fraction for c in mine})
     ax.set_xscale("log")
+    # A margin beyond the nudged arms: with one fraction the axis would span just the nudge.
+    ax.set_xlim(fractions[0] / 1.4, fractions[-1] * 1.4)
     ax.set_xticks(fractions, [_percent(f) for f in fractions])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set(xlabel="labelled fraction of the training set", ylabel="test accuracy (%)")
