@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from selfie.config import apply_overrides, get_preset
+from selfie.experiment import finished_summary
 from selfie.finetune import FinetuneSpec, finetune
 from selfie.pretrain import pretrain
 from selfie.report import Cell
@@ -44,15 +45,10 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t.strip()]
 
 
-def _summary(folder: Path) -> dict | None:
-    path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _timed(folder: Path, run, *args) -> tuple[dict, float]:
     """The run's summary and its wall time in seconds (that of the first call: a finished
     run is read back, with the time it recorded)."""
-    done = _summary(folder)
+    done = finished_summary(folder)
     if done is not None:
         return done, json.loads((folder / "wall.json").read_text())["seconds"]
     t0 = time.perf_counter()

@@ -76,20 +76,21 @@ def _options(folder: Path, rt: Runtime) -> RunOptions:
     )
 
 
-def _summary(folder: Path) -> dict[str, Any] | None:
+def finished_summary(folder: Path) -> dict[str, Any] | None:
+    """The summary of the run in `folder` if it finished, else None."""
     path = folder / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def _run_pretrain(config: Config, folder: Path, rt: Runtime) -> str:
-    if _summary(folder) is None:
+    if finished_summary(folder) is None:
         opts = _options(folder, rt)
         pretrain(None if opts.resume else config, opts)
     return str(folder)
 
 
 def _run_finetune(config: Config, spec: FinetuneSpec, folder: Path, rt: Runtime) -> dict:
-    done = _summary(folder)
+    done = finished_summary(folder)
     if done is not None:
         return done
     opts = _options(folder, rt)
