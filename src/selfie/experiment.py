@@ -82,14 +82,14 @@ def finished_summary(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _run_pretrain(config: Config, folder: Path, rt: Runtime) -> str:
+def run_pretrain(config: Config, folder: Path, rt: Runtime) -> str:
     if finished_summary(folder) is None:
         opts = _options(folder, rt)
         pretrain(None if opts.resume else config, opts)
     return str(folder)
 
 
-def _run_finetune(config: Config, spec: FinetuneSpec, folder: Path, rt: Runtime) -> dict:
+def run_finetune(config: Config, spec: FinetuneSpec, folder: Path, rt: Runtime) -> dict:
     done = finished_summary(folder)
     if done is not None:
         return done
@@ -120,7 +120,7 @@ def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[r
     config = validate(config)
     refuse_data_dir(config.data.dataset, rt.data_dir)  # before the folder is written
     _check_plan(out, config, plan)
-    init = plan.pretrained or _run_pretrain(config, out / "pretrain", rt)
+    init = plan.pretrained or run_pretrain(config, out / "pretrain", rt)
     tuning, results = [], []
     for head in plan.heads:
         for amount in plan.labels:
@@ -132,7 +132,7 @@ def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[r
                     scores = []
                     for grid_lr in config.finetune.lr_grid:
                         folder = out / "tune" / head / label / arm / f"lr{grid_lr:g}"
-                        s = _run_finetune(
+                        s = run_finetune(
                             _with(config, lr=grid_lr), replace(spec, validation=True), folder, rt
                         )
                         scores.append((s["val_acc"], -grid_lr))
@@ -151,7 +151,7 @@ def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[r
                 for k in range(plan.seeds):
                     seed = config.finetune.seed + k
                     folder = out / "runs" / head / label / arm / f"seed{seed}"
-                    s = _run_finetune(_with(config, lr=lr, seed=seed), spec, folder, rt)
+                    s = run_finetune(_with(config, lr=lr, seed=seed), spec, folder, rt)
                     results.append(
                         {
                             "head": head,

@@ -1,0 +1,378 @@
+"""Issue 11: the CIFAR-10 table with both arms finetuned to convergence, as one runner that
+any session can continue from the committed files alone.
+
+    python experiments/cifar10_converged.py [--hours H] [--fractions 0.08,0.05,0.2] [--fp32]
+        [--data-dir ../shared/data/cifar10]
+
+Stages, in order, each skipped where its result lines are already committed:
+
+1. pretrain: P on all 50,000 training images for PRETRAIN_STEPS steps (4x the cifar10-cpu
+   preset's 6,000, whose pretext accuracy was still rising), in results/cifar10-converged/
+   pretrain/ (a run folder: its newest checkpoint is committed while it is unfinished, so
+   another machine resumes it; model.safetensors once done).
+2. converge (per fraction): both arms at finetuning lengths 600, 1200, 2400, ... steps of 128,
+   2 seeds, LR SWEEP_LR, on the 90/10 split (validation accuracy; never the test set), until
+   doubling the length adds less than 1 point to the scratch arm's mean validation accuracy
+   and the scratch arm fits its training subset (>= 99% on its last training batches).
+3. tune (per fraction and arm): the peak LR at the converged length, one seed, starting from
+   {0.05, 0.1, 0.2} and extended along the paper's grid (and beyond it) while the best value
+   lies on an edge; ties go to the smaller LR.
+4. final (per fraction): 5 seeds per arm on the whole subset, test accuracy.
+
+Result lines (committed as they come): convergence.jsonl (every stage-2 run), tuning.jsonl,
+results.jsonl; derived files: convergence.csv, table.md/.csv, figure.png, gain.png. Run
+folders go to runs/cifar10-converged/ (ignored): a run interrupted there resumes on the same
+machine and restarts on another. bf16 autocast where the CPU has native bf16, else fp32; every
+line records which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from selfie import report
+from selfie.config import PAPER_LR_GRID, Config, get_preset
+from selfie.data.subsets import amount_label
+from selfie.device import cpu_bf16_emulated
+from selfie.experiment import Runtime, finished_summary, run_finetune, run_pretrain
+from selfie.finetune import FinetuneSpec
+from selfie.runfolder import write_json
+
+log = logging.getLogger("converged")
+
+OUT = Path("results/cifar10-converged")
+RUNS = Path("runs/cifar10-converged")
+PRETRAIN_STEPS = 24_000
+FIRST_LENGTH = 600  # the 600-step table of results/cifar10-cpu
+LAST_LENGTH = FIRST_LENGTH * 2**5  # 19,200 steps: about 1 h 50 min a run in bf16 here
+SWEEP_LR = 0.1
+SWEEP_SEEDS = (0, 1)
+CONVERGED_GAIN = 0.01  # doubling adds less than 1 point of validation accuracy
+FITS_TRAINING = 0.99
+FIRST_LRS = (0.05, 0.1, 0.2)
+FINAL_SEEDS = (0, 1, 2, 3, 4)
+ARMS = ("scratch", "pretrained")
+
+
+def base_config() -> Config:
+    c = get_preset("cifar10-cpu")
+    return replace(c, pretrain=replace(c.pretrain, steps=PRETRAIN_STEPS))
+
+
+# --- the rules, pure functions of the result lines -------------------------------------------
+
+
+def mean_val(rows: list[dict], fraction: float, arm: str, steps: int) -> tuple[float, float, int]:
+    """Mean validation accuracy, mean final training accuracy and run count of the sweep runs
+    of (fraction, arm, steps)."""
+    found = [r for r in rows if (r["fraction"], r["arm"], r["steps"]) == (fraction, arm, steps)]
+    n = len(found)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    return (
+        sum(r["val_acc"] for r in found) / n,
+        sum(r["final_train_acc"] for r in found) / n,
+        n,
+    )
+
+
+def converged_length(
+    rows: list[dict], fraction: float, first: int = FIRST_LENGTH, last: int = LAST_LENGTH
+) -> int | None:
+    """The shortest length L (first, 2 first, ...) whose doubling adds less than
+    CONVERGED_GAIN to the scratch arm's mean validation accuracy, with the scratch arm fitting
+    its training subset at L; `last` if no shorter one qualified once `last` has run (the
+    cap: reported as not converged); None while the sweep must go on."""
+    length = first
+    while True:
+        val, fit, n = mean_val(rows, fraction, "scratch", length)
+        if n < len(SWEEP_SEEDS):
+            return None
+        if length >= last:
+            return length
+        val2, _, n2 = mean_val(rows, fraction, "scratch", 2 * length)
+        if n2 < len(SWEEP_SEEDS):
+            return None
+        if val2 - val < CONVERGED_GAIN and fit >= FITS_TRAINING:
+            return length
+        length *= 2
+
+
+def next_lr(scores: dict[float, float]) -> float | None:
+    """The next LR to try given validation accuracy per tried LR, or None when the best (a tie
+    going to the smaller LR) lies strictly inside the tried values."""
+    tried = sorted(scores)
+    best = max(tried, key=lambda lr: (scores[lr], -lr))
+    grid = sorted(set(PAPER_LR_GRID) | set(tried))
+    if best == tried[0]:
+        lower = [lr for lr in grid if lr < best]
+        return lower[-1] if lower else best / 2
+    if best == tried[-1]:
+        higher = [lr for lr in grid if lr > best]
+        return higher[0] if higher else best * 2
+    return None
+
+
+def chosen_lr(scores: dict[float, float]) -> float:
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class Ledger:
+    """A committed .jsonl file of result lines, looked up by a few key fields."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists()
+            else []
+        )
+
+    def find(self, **key: Any) -> dict[str, Any] | None:
+        for row in self.rows:
+            if all(row.get(k) == v for k, v in key.items()):
+                return row
+        return None
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Runner:
+    """The stages above for `config` (its pretraining section as run), writing result lines
+    to `out` and run folders to `runs`; the tests run it on the tiny preset."""
+
+    def __init__(
+        self,
+        config: Config,
+        out: Path,
+        runs: Path,
+        rt: Runtime,
+        hours: float = 1e9,
+        first: int = FIRST_LENGTH,
+        last: int = LAST_LENGTH,
+    ) -> None:
+        self.config, self.out, self.runs, self.rt = config, out, runs, rt
+        self.deadline = time.monotonic() + 3600 * hours
+        self.first, self.last = first, last
+        self.weights = str(out / "pretrain" / "model.safetensors")
+        out.mkdir(parents=True, exist_ok=True)
+        # report.write_report reads the dataset (for the paper's columns) from here.
+        write_json(out / "experiment.json", {"config": config.to_dict()})
+        self.sweep = Ledger(out / "convergence.jsonl")
+        self.tuning = Ledger(out / "tuning.jsonl")
+        self.results = Ledger(out / "results.jsonl")
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def pretrain(self) -> None:
+        if finished_summary(self.out / "pretrain") is None:
+            log.info("pretraining %d steps", self.config.pretrain.steps)
+            run_pretrain(self.config, self.out / "pretrain", self.rt)
+
+    def finetune(
+        self, stage: str, fraction: float, arm: str, steps: int, lr: float, seed: int
+    ) -> dict[str, Any]:
+        """One finetuning run's summary (validation accuracy unless stage is "final")."""
+        f = replace(self.config.finetune, steps=steps, lr=lr, seed=seed)
+        config = replace(self.config, finetune=f)
+        spec = FinetuneSpec(
+            fraction,
+            init=self.weights if arm == "pretrained" else None,
+            validation=stage != "final",
+        )
+        folder = (
+            self.runs / stage / amount_label(fraction) / arm / f"steps{steps}-lr{lr:g}-seed{seed}"
+        )
+        t0 = time.monotonic()
+        s = run_finetune(config, spec, folder, self.rt)
+        log.info(
+            "%s %s %s: %.0f s",
+            stage,
+            folder,
+            s.get("val_acc", s.get("test_acc")),
+            time.monotonic() - t0,
+        )
+        keep = (
+            "fraction",
+            "arm",
+            "steps",
+            "lr",
+            "seed",
+            "final_loss",
+            "final_train_acc",
+            "train_images",
+            "train_seconds_this_session",
+            "bf16",
+        )
+        row = {k: s[k] for k in keep}
+        row["fraction"] = fraction  # the asked fraction, the key (s["fraction"] is measured)
+        row["measured_fraction"] = s["fraction"]
+        return row | {k: s[k] for k in ("val_acc", "val_images", "test_acc") if k in s}
+
+    def converge(self, fraction: float) -> int | None:
+        length = self.first
+        rows = self.sweep.rows
+        while (chosen := converged_length(rows, fraction, self.first, self.last)) is None:
+            for arm in ARMS:
+                for seed in SWEEP_SEEDS:
+                    key = dict(fraction=fraction, arm=arm, steps=length, lr=SWEEP_LR, seed=seed)
+                    if self.sweep.find(**key) is None:
+                        if self.out_of_time():
+                            return None
+                        self.sweep.add(
+                            self.finetune("converge", fraction, arm, length, SWEEP_LR, seed)
+                        )
+                        self.write_convergence()
+            length *= 2
+        return chosen
+
+    def tune(self, fraction: float, arm: str, steps: int) -> float | None:
+        label = amount_label(fraction)
+        scores: dict[float, float] = {}
+        todo: list[float] = list(FIRST_LRS)
+        while todo:
+            lr = todo.pop(0)
+            row = self.tuning.find(labels=label, arm=arm, lr=lr, steps=steps)
+            if row is None:
+                if self.out_of_time():
+                    return None
+                s = self.finetune("tune", fraction, arm, steps, lr, seed=0)
+                row = {"head": "resnet50", "labels": label} | s
+                self.tuning.add(row)
+            scores[lr] = row["val_acc"]
+            if not todo and (nxt := next_lr(scores)) is not None:
+                todo.append(nxt)
+        return chosen_lr(scores)
+
+    def final(self, fraction: float, arm: str, steps: int, lr: float) -> bool:
+        label = amount_label(fraction)
+        for seed in FINAL_SEEDS:
+            if self.results.find(labels=label, arm=arm, seed=seed) is None:
+                if self.out_of_time():
+                    return False
+                s = self.finetune("final", fraction, arm, steps, lr, seed)
+                run = f"final/{label}/{arm}/steps{steps}-lr{lr:g}-seed{seed}"
+                self.results.add({"head": "resnet50", "labels": label, "run": run} | s)
+        return True
+
+    def write_convergence(self) -> None:
+        """convergence.csv: fraction,arm,steps,n,val_acc_mean (val_acc in [0, 1])."""
+        keys = sorted({(r["fraction"], r["arm"], r["steps"]) for r in self.sweep.rows})
+        with (self.out / "convergence.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["fraction", "arm", "steps", "n", "val_acc_mean"])
+            for fraction, arm, steps in keys:
+                val, _, n = mean_val(self.sweep.rows, fraction, arm, steps)
+                w.writerow([fraction, arm, steps, n, f"{val:.4f}"])
+
+    def run(self, fractions: list[float]) -> None:
+        try:
+            self._run(fractions)
+        finally:
+            self.figures()
+
+    def _run(self, fractions: list[float]) -> None:
+        self.pretrain()
+        for fraction in fractions:
+            steps = self.converge(fraction)
+            if steps is None:
+                log.info("stopped in the convergence sweep at %g", fraction)
+                return
+            log.info("%g: converged at %d steps", fraction, steps)
+            for arm in ARMS:
+                lr = self.tune(fraction, arm, steps)
+                if lr is None or not self.final(fraction, arm, steps, lr):
+                    log.info("stopped at %g %s", fraction, arm)
+                    return
+
+    def figures(self) -> None:
+        """gain.png: validation accuracy of both arms against finetuning length, per fraction;
+        loss_vs_acc.png: the paper's Figure 3 check, final training loss against test
+        accuracy of every final run; and the table and figure of report.write_report."""
+        import matplotlib.pyplot as plt
+
+        fractions = sorted({r["fraction"] for r in self.sweep.rows})
+        if fractions:
+            fig, axes = plt.subplots(
+                1, len(fractions), figsize=(4.5 * len(fractions), 3.6), squeeze=False
+            )
+            for ax, fraction in zip(axes[0], fractions, strict=True):
+                lengths = sorted({r["steps"] for r in self.sweep.rows if r["fraction"] == fraction})
+                for arm in ARMS:
+                    points = [(n, mean_val(self.sweep.rows, fraction, arm, n)[0]) for n in lengths]
+                    points = [(n, 100 * v) for n, v in points if v == v]  # drop NaN (not run)
+                    ax.plot(*zip(*points, strict=True), "o-", label=report.ARM_NAMES[arm])
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(lengths, [str(n) for n in lengths])
+                ax.set_title(
+                    f"{100 * fraction:g}% labels (LR {SWEEP_LR:g}, {len(SWEEP_SEEDS)} seeds)"
+                )
+                ax.set_xlabel("finetuning steps of 128")
+                ax.set_ylabel("validation accuracy (%)")
+                ax.grid(alpha=0.3)
+            axes[0][0].legend()
+            fig.tight_layout()
+            fig.savefig(self.out / "gain.png", dpi=120)
+            plt.close(fig)
+        if self.results.rows:
+            report.write_report(self.results.path, self.out)
+            fig, ax = plt.subplots(figsize=(5, 3.8))
+            for arm in ARMS:
+                rows = [r for r in self.results.rows if r["arm"] == arm]
+                ax.scatter(
+                    [r["final_loss"] for r in rows],
+                    [100 * r["test_acc"] for r in rows],
+                    label=report.ARM_NAMES[arm],
+                )
+            ax.set_xlabel("final training loss")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title("Figure 3 check: every final run")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(self.out / "loss_vs_acc.png", dpi=120)
+            plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--hours",
+        type=float,
+        default=1e9,
+        help="start no new run after this many hours (the current one ends)",
+    )
+    parser.add_argument(
+        "--fractions",
+        default="0.08,0.05,0.2",
+        help="labelled fractions, in the order run (8%% first: the paper's headline CIFAR-10 cell)",
+    )
+    parser.add_argument(
+        "--data-dir", default="../shared/data/cifar10", help="CIFAR-10 (python version)"
+    )
+    parser.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is native")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    bf16 = not args.fp32 and cpu_bf16_emulated() is None
+    rt = Runtime(data_dir=args.data_dir, device="cpu", bf16=bf16, progress=False)
+    Runner(base_config(), OUT, RUNS, rt, args.hours).run(
+        [float(f) for f in args.fractions.split(",")]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""experiments/cifar10_converged.py: its convergence and LR rules, and the whole runner on the
+tiny preset (every stage, its files, and a second call that runs nothing)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfie.config import get_preset
+from selfie.experiment import Runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "cifar10_converged", ROOT / "experiments" / "cifar10_converged.py"
+)
+assert _spec is not None and _spec.loader is not None
+converged = importlib.util.module_from_spec(_spec)
+sys.modules["cifar10_converged"] = converged
+_spec.loader.exec_module(converged)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sweep_rows(points: dict[int, tuple[float, float]], arm: str = "scratch") -> list[dict]:
+    """Two seeds per length with mean (val_acc, final_train_acc) as given."""
+    return [
+        {
+            "fraction": 0.08,
+            "arm": arm,
+            "steps": steps,
+            "seed": seed,
+            "val_acc": val + (0.002 if seed else -0.002),
+            "final_train_acc": fit,
+        }
+        for steps, (val, fit) in points.items()
+        for seed in (0, 1)
+    ]
+
+
+def test_converged_length_follows_the_rule():
+    rule = converged.converged_length
+    # 600 -> 1200 adds 5 points: not yet; 1200 -> 2400 adds 0.5 and 1200 fits: 1200.
+    rows = sweep_rows({600: (0.60, 0.9), 1200: (0.65, 0.995), 2400: (0.655, 1.0)})
+    assert rule(rows, 0.08) == 1200
+    # The same gains, but 1200 does not fit its training subset: go on (2400 needs 4800).
+    rows = sweep_rows({600: (0.60, 0.9), 1200: (0.65, 0.95), 2400: (0.655, 1.0)})
+    assert rule(rows, 0.08) is None
+    # A length without both seeds is not decided; the pretrained arm does not count.
+    rows = sweep_rows({600: (0.60, 0.9)}) + sweep_rows({1200: (0.60, 1.0)}, arm="pretrained")
+    assert rule(rows, 0.08) is None
+    # The cap: at `last` the sweep stops whatever the gain.
+    rows = sweep_rows({600: (0.60, 0.9), 1200: (0.70, 0.9)})
+    assert rule(rows, 0.08, first=600, last=1200) == 1200
+    assert rule(rows, 0.05) is None  # another fraction's rows
+
+
+def test_next_lr_extends_the_grid_until_the_best_is_inside():
+    nxt = converged.next_lr
+    assert nxt({0.05: 0.6, 0.1: 0.7, 0.2: 0.65}) is None
+    assert nxt({0.05: 0.6, 0.1: 0.65, 0.2: 0.7}) == 0.4  # the paper's grid goes on
+    assert nxt({0.05: 0.6, 0.1: 0.65, 0.2: 0.66, 0.4: 0.7}) == 0.8  # and beyond it
+    assert nxt({0.05: 0.7, 0.1: 0.65, 0.2: 0.6}) == 0.02
+    assert nxt({0.01: 0.7, 0.02: 0.6}) == 0.005
+    # A tie goes to the smaller LR, here the lower edge.
+    assert nxt({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) == 0.02
+    assert converged.chosen_lr({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) == 0.05
+
+
+def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
+    tiny = get_preset("tiny")
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    rt = Runtime(device="cpu", progress=False)
+    monkeypatch.setattr(converged, "FINAL_SEEDS", (0, 1))
+
+    def runner():
+        return converged.Runner(tiny, out, runs, rt, first=2, last=4)
+
+    runner().run([0.5])
+    sweep = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
+    # Lengths 2 and 4 (the cap), both arms, both sweep seeds, on validation only.
+    assert sorted((r["steps"], r["arm"], r["seed"]) for r in sweep) == sorted(
+        (n, arm, seed) for n in (2, 4) for arm in ("scratch", "pretrained") for seed in (0, 1)
+    )
+    assert all("val_acc" in r and "test_acc" not in r for r in sweep)
+    table = list(csv.DictReader((out / "convergence.csv").open()))
+    assert [r["steps"] for r in table] == ["2", "4", "2", "4"]
+    assert {r["n"] for r in table} == {"2"}
+    tuning = [json.loads(line) for line in (out / "tuning.jsonl").read_text().splitlines()]
+    for arm in ("scratch", "pretrained"):
+        lrs = sorted(r["lr"] for r in tuning if r["arm"] == arm)
+        scores = {r["lr"]: r["val_acc"] for r in tuning if r["arm"] == arm}
+        assert {0.05, 0.1, 0.2} <= set(lrs) and converged.next_lr(scores) is None
+        assert all(r["steps"] == 4 for r in tuning)
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 4 and all("test_acc" in r and r["steps"] == 4 for r in results)
+    for name in ("table.md", "table.csv", "figure.png", "gain.png", "loss_vs_acc.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "pretrain" / "model.safetensors").is_file()
+
+    # A second runner finds every line and runs nothing.
+    import selfie.experiment
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(converged, "run_finetune", fail)
+    monkeypatch.setattr(selfie.experiment, "pretrain", fail)
+    runner().run([0.5])
