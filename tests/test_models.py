@@ -57,6 +57,36 @@ def test_forward_shapes_and_targets():
     assert torch.equal(out.targets, torch.arange(4).expand(3, 4))
 
 
+def test_summary_reads_only_the_visible_patches_with_their_positions():
+    """u depends on the visible patches alone (masked pixels changed: u unchanged), and
+    equals A run by hand on [u0, h_v + pos_v]: positions added to the visible tokens, u read
+    at u0's slot (not the mean token)."""
+    model = _tiny().eval()
+    images = torch.randn(2, 3, 32, 32)
+    visible, masked = sample_masks(2, 16, 12, torch.Generator().manual_seed(1))
+    changed = patchify(images, 8).clone()  # (B, N, C, 8, 8)
+    for b in range(2):
+        changed[b, masked[b]] = torch.randn_like(changed[b, masked[b]])
+    grid = changed.reshape(2, 4, 4, 3, 8, 8).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 32, 32)
+    assert torch.equal(patchify(grid, 8)[0, visible[0]], patchify(images, 8)[0, visible[0]])
+    with torch.no_grad():
+        h = model.encode_patches(images)
+        u = model.summarize(h, visible)
+        u_changed = model.summarize(model.encode_patches(grid), visible)
+        torch.testing.assert_close(u_changed, u, rtol=0, atol=1e-6)
+        table = model.position()  # (N, D)
+        for b in range(2):
+            tokens = torch.stack([h[b, v] + table[v] for v in visible[b].tolist()])
+            sequence = torch.cat([model.pool.u0[None], tokens])[None]  # (1, 1 + V, D)
+            by_hand = model.pool.encoder(sequence)[0, 0]
+            torch.testing.assert_close(u[b], by_hand, rtol=1e-5, atol=1e-5)
+        # Without the positions, or reading the mean token, u would differ.
+        no_pos = model.pool(h[:1, visible[0]])[0]
+        assert (no_pos - u[0]).abs().max() > 1e-3
+        mean_token = model.pool.encoder(sequence)[0].mean(0)
+        assert (mean_token - u[1]).abs().max() > 1e-3
+
+
 def test_paper_cifar10_parameter_counts():
     """At paper size Selfie has about 25M parameters and the finetuning ResNet-50 about 23.5M."""
     cfg = get_preset("paper-cifar10")
