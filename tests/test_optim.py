@@ -45,3 +45,33 @@ def test_make_sgd_is_nesterov_with_weight_decay():
     assert group["weight_decay"] == 3e-4
     assert group["lr"] == 0.05
     assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_a_real_run_uses_the_recipe(tmp_path, kind):
+    """The optimizer as a run wires it: the checkpoint's SGD is Nesterov with the preset's
+    momentum and weight decay, and every logged LR is the schedule's at that step."""
+    from selfie import cli
+    from selfie.checkpoint import list_checkpoints, load_checkpoint
+    from selfie.config import get_preset
+    from selfie.runfolder import RunFolder
+
+    out = tmp_path / kind
+    args = ["-q", kind, "--preset", "tiny", "--device", "cpu", "--out", str(out)]
+    section = f"{kind}.log_every=1"
+    extra = ["--labels", "5", "--scratch"] if kind == "finetune" else []
+    assert cli.main([*args, *extra, "--set", section]) == 0
+    recipe = getattr(get_preset("tiny"), kind)
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert state["step"] == recipe.steps
+    for group in state["optimizer"]["param_groups"]:
+        assert group["nesterov"] is True
+        assert group["momentum"] == recipe.momentum == 0.9
+        assert group["weight_decay"] == recipe.weight_decay == 1e-4
+    records = RunFolder(out, resume=True).metrics()
+    assert [r["step"] for r in records] == list(range(1, recipe.steps + 1))
+    for r in records:  # record `step` is logged after 0-based step `step - 1` trained
+        expected = lr_at(r["step"] - 1, recipe.lr, recipe.warmup_steps, recipe.steps)
+        assert r["lr"] == pytest.approx(expected, rel=1e-12)
+    assert records[0]["lr"] == pytest.approx(recipe.lr / recipe.warmup_steps)
