@@ -115,6 +115,25 @@ def test_paper_cifar10_has_the_papers_values():
     assert m.position == "cell"
 
 
+@pytest.mark.parametrize(
+    ("name", "batch", "pad"),
+    [("paper-cifar10", 512, 4), ("paper-imagenet32", 1024, 4), ("paper-imagenet224", 1024, 0)],
+)
+def test_paper_presets_hold_the_papers_protocol(name, batch, pad):
+    """Beyond the pretraining section: the augmentation (zero-pad 4 and crop on 32-px
+    images, flip), p = 0.75, and a finetuning recipe like the pretraining one (SPEC 3-5):
+    120k steps, 100 warm-up, Nesterov 0.9, weight decay 1e-4, the paper's LR grid, 10%
+    validation split."""
+    cfg = get_preset(name)
+    d, p, f = cfg.data, cfg.pretrain, cfg.finetune
+    assert (d.pad, d.flip, p.visible_fraction) == (pad, True, 0.75)
+    for section in (p, f):
+        assert (section.batch_size, section.steps, section.warmup_steps) == (batch, 120_000, 100)
+        assert (section.momentum, section.weight_decay) == (0.9, 1e-4)
+    assert f.lr_grid == (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+    assert f.val_fraction == 0.1
+
+
 def test_paper_imagenet224_has_the_papers_values():
     """paper-imagenet224: batch 1024, 224-px images, 32-px patches, a 7x7 grid."""
     cfg = get_preset("paper-imagenet224")
