@@ -274,6 +274,33 @@ def test_subset_is_balanced_fixed_across_seeds_and_disjoint_from_val(tmp_path: P
     assert sorted(split["train"] + split["val"]) == train
 
 
+def test_training_draws_only_the_subsets_training_part(tmp_path: Path, capsys, monkeypatch):
+    """Every image a finetuning step trains on is in subset.json's "train" list (the 90%
+    part when tuning), never its validation images nor the rest of the training set; and
+    over the run every training image of the subset is drawn."""
+    from selfie.data.source import MemoryBatches
+
+    drawn: list[int] = []
+    get = MemoryBatches.get
+
+    def recording(self, step, rows, generator):
+        drawn.extend(self.pool[self.sampler.batch(step)].tolist())
+        return get(self, step, rows, generator)
+
+    monkeypatch.setattr(MemoryBatches, "get", recording)
+    for flag in ([], ["--validation"]):
+        drawn.clear()
+        out = tmp_path / f"run{len(flag)}"
+        args = ["finetune", "--preset", "tiny", "--labels", "5", "--scratch", "--out", str(out)]
+        code, _, err = run_cli([*args, *flag, "--set", "finetune.steps=12"], capsys)
+        assert code == 0, err
+        split = json.loads((out / "subset.json").read_text())
+        assert len(drawn) == 12 * 16
+        assert set(drawn) == set(split["train"])  # 12 steps of 16 cover the 40 or 50
+        assert not set(drawn) & set(split["val"])
+        assert len(split["train"]) == (40 if flag else 50)  # 10% of each class held out
+
+
 # --- the command line -----------------------------------------------------------------------
 
 
