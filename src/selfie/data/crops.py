@@ -10,7 +10,8 @@ filter: crop and resize in one step, with no rounding of an intermediate size.
   in (0.08, 1) of the image and log-uniform aspect ratio in (3/4, 4/3), up to 10 tries, else
   the centre crop (clamped to those ratios); flipped left-right with probability 1/2.
 - "pretrain": the shorter side resized to S, a random S x S window along the longer side
-  (SPEC 3: "resize, crop to 224"), flipped with probability 1/2 (SPEC 7).
+  (our choice: SPEC 3 says only that images are 224 px), flipped with probability 1/2
+  (SPEC 7).
 - "eval": the shorter side resized to round(S * 256 / 224) (256 for S = 224), the centre
   S x S window; no randomness.
 """
