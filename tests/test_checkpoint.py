@@ -102,7 +102,7 @@ def test_random_bytes_are_refused(tmp_path):
     """A file that is not a torch checkpoint at all is a UserError."""
     path = tmp_path / "noise.pt"
     path.write_bytes(random.Random(0).randbytes(2000))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"noise\.pt is not a loadable selfie checkpoint"):
         load_checkpoint(path)
 
 

@@ -1,6 +1,7 @@
 """Configuration: overrides, validation, presets and their JSON round trip."""
 
 import json
+import re
 
 import pytest
 
@@ -47,21 +48,22 @@ def test_override_changes_only_its_key(item, section, key, value):
 
 
 @pytest.mark.parametrize(
-    "item",
+    ("item", "needle"),
     [
-        "pretrain.lrr=0.1",  # unknown key
-        "lr=0.1",  # no section
-        "optim.lr=0.1",  # unknown section
-        "pretrain.lr",  # no value
-        "pretrain.lr=abc",
-        "pretrain.steps=1.5",
-        "data.flip=1",
-        "model.layers=(1,2.5)",
+        ("pretrain.lrr=0.1", "unknown key 'pretrain.lrr'"),
+        ("lr=0.1", "unknown key 'lr'"),  # no section
+        ("optim.lr=0.1", "unknown key 'optim.lr'"),
+        ("pretrain.lr", "no value; write pretrain.lr=VALUE"),
+        ("pretrain.lr=abc", "expected a value of type float"),
+        ("pretrain.steps=1.5", "expected a value of type int"),
+        ("data.flip=1", "expected a value of type bool"),
+        ("model.layers=(1,2.5)", "expected a value of type tuple"),
     ],
 )
-def test_bad_override_is_a_user_error(item):
-    """Unknown keys, missing sections and mistyped values are refused with a UserError."""
-    with pytest.raises(UserError):
+def test_bad_override_is_a_user_error(item, needle):
+    """Unknown keys, missing sections and values, and mistyped values are refused with a
+    UserError that names what is wrong."""
+    with pytest.raises(UserError, match=re.escape(f"--set {item}: {needle}")):
         apply_overrides(get_preset("tiny"), [item])
 
 

@@ -44,7 +44,13 @@ def test_sample_masks_splits_every_row():
 def test_sample_masks_differ_across_images():
     """Each image gets its own draw, not one mask shared by the batch."""
     visible, _ = sample_masks(8, 16, 12, torch.Generator().manual_seed(0))
-    assert len({tuple(row) for row in visible.tolist()}) > 1
+    assert len({tuple(row) for row in visible.tolist()}) == 8
+    # Uniform over positions: over 4,000 images each is masked 1/4 of the time (binomial
+    # std 0.007; 0.03 is over 4 std), and each masked set is one of many.
+    _, masked = sample_masks(4000, 16, 12, torch.Generator().manual_seed(1))
+    share = torch.bincount(masked.flatten(), minlength=16).float() / 4000
+    assert (share - 0.25).abs().max() < 0.03, share
+    assert len({tuple(row) for row in masked.tolist()}) > 1500  # of C(16, 4) = 1,820
 
 
 def test_sample_masks_reproducible_from_a_generator():

@@ -262,6 +262,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key, sep, text = item.partition("=")
         section_name, dot, name = key.strip().partition(".")
         keys = valid_keys(config)
+        if not sep and key.strip() in keys:
+            raise UserError(f"--set {item}: no value; write {key.strip()}=VALUE")
         if not sep or not dot or key.strip() not in keys:
             raise UserError(
                 f"--set {item}: unknown key '{key}'; expected section.key=value with a key from: "
