@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,9 +84,14 @@ def test_single_run_has_no_std() -> None:
 
 
 def test_identical_runs_no_warning() -> None:
+    """Zero spread in both arms: std ratio and p are undefined (NaN), and computing them
+    warns nothing (scipy would warn on 0/0)."""
     cell = Cell("resnet50", "frac1", 1.0, [90.0, 90.0], [91.0, 91.0])
-    assert cell.scratch_std == 0.0
-    assert math.isnan(cell.std_ratio) and math.isnan(cell.p_value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cell.scratch_std == 0.0
+        assert math.isnan(cell.std_ratio) and math.isnan(cell.p_value)
+        assert table_markdown([cell]).splitlines()[-1].endswith("| +1.0 | — | — |")
 
 
 def test_summarize_groups_sorts_and_converts_to_percent() -> None:
