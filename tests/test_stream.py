@@ -105,8 +105,11 @@ def test_random_resized_box_inside_the_image_with_standard_area_and_ratio() -> N
         assert 0 <= left < right <= 300 and 0 <= top < bottom <= 200
         assert 0.08 * 0.9 <= w * h / 60_000 <= 1.0
         assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
-    # Nothing fits a 1000x10 strip: the centre crop, clamped to a 4/3 ratio.
-    assert random_resized_box(1000, 10, rng) == (493, 0, 506, 10)
+    # Nothing fits a 1000x10 strip: the centre crop, clamped to a 4/3 ratio: 13 x 10
+    # (10 * 4/3 rounded), centred ((1000 - 13) // 2 = 493).
+    left, top, right, bottom = random_resized_box(1000, 10, rng)
+    assert (right - left, bottom - top) == (round(10 * 4 / 3), 10)
+    assert left == (1000 - (right - left)) // 2 and top == 0
 
 
 def test_pretrain_box_is_the_shorter_side_square_at_a_random_offset() -> None:
@@ -245,7 +248,12 @@ def test_eval_batches_are_centre_crops_in_order_and_skip_bad_files(tree: Path) -
         for _ in range(2)
     )
     assert torch.equal(a, b) and not torch.equal(a, images)
-    assert src.spread(4).tolist() == [0, 4, 9, 14] and len(src.spread(100)) == len(src)
+    # spread: evenly spaced over the split (gaps of n/4, rounded down), so every class of
+    # this class-by-class listing is reached; everything when asked for more than there is.
+    n, picked = len(src), src.spread(4).tolist()
+    assert picked == [i * n // 4 for i in range(4)] and len(set(picked)) == 4
+    assert set(src.labels[picked].tolist()) == {0, 1, 2}
+    assert src.spread(100).tolist() == list(range(n))
 
 
 def test_layout_errors_are_user_errors(tmp_path: Path) -> None:
