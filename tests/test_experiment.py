@@ -36,6 +36,7 @@ ARGS = [
     "finetune.checkpoint_every=2",
 ]
 RESULT_KEYS = {"head", "labels", "fraction", "arm", "seed", "lr", "test_acc", "run"}
+RESULT_KEYS |= {"labelled_images", "unlabelled_images"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,10 +92,16 @@ def test_experiment_writes_results_tuning_and_report(experiment: Path):
         for s in (0, 1)
     }
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    pretrained_on = json.loads((experiment / "pretrain" / "summary.json").read_text())
+    assert pretrained_on["train_images"] == 1437  # every training digit
     for r in rows:
         summary = json.loads((experiment / r["run"] / "summary.json").read_text())
         assert summary["test_acc"] == r["test_acc"] and summary["seed"] == r["seed"]
         assert summary["arm"] == r["arm"] and summary["head"] == r["head"]
+        assert (
+            r["labelled_images"] == summary["train_images"] == (30 if r["labels"] == "3pc" else 70)
+        )
+        assert r["unlabelled_images"] == (1437 if r["arm"] == "pretrained" else 0)
 
     tuning = read_lines(experiment / "tuning.jsonl")
     assert len(tuning) == 16
@@ -109,6 +116,9 @@ def test_experiment_writes_results_tuning_and_report(experiment: Path):
 
     table = (experiment / "table.md").read_text()
     assert "Table 1" in table and "Table 2" in table
+    # Each cell says what it used: unlabelled / labelled images and their ratio.
+    assert "| 3/class (2.09%) |" in table and "| 1,437 / 30 (47.9x) |" in table
+    assert "| 1,437 / 70 (20.5x) |" in table
     csv_lines = (experiment / "table.csv").read_text().splitlines()
     assert csv_lines[0].split(",") == CSV_COLUMNS and len(csv_lines) == 1 + 4
     assert (experiment / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,7 +72,9 @@ class FileImages(Dataset):
 
     def __init__(self, root: Path, files: Sequence[tuple[Path, int]], size: int, flip: bool):
         self.root = str(root)
-        self.paths = np.array([str(p.relative_to(root)).encode() for p, _ in files], dtype=bytes)
+        self.paths = np.array(
+            [p.relative_to(root).as_posix().encode() for p, _ in files], dtype=bytes
+        )
         self.labels = np.array([label for _, label in files], dtype=np.int64)  # (N,)
         self.size, self.flip = size, flip
         self.max_pixels = folder.MAX_PIXELS  # read now: workers get the value, not the global
@@ -227,6 +229,10 @@ class StreamSource:
         return len(self.images)
 
     @property
+    def names(self) -> list[str]:
+        return [p.decode() for p in self.images.paths]
+
+    @property
     def mean(self) -> torch.Tensor:
         return torch.tensor(IMAGENET_MEAN)
 
@@ -313,10 +319,18 @@ def open_stream(
     return StreamSource(root, files, layout.classes, image_size, flip, workers)
 
 
+def open_unlabelled_stream(
+    root: str | Path, image_size: int, *, flip: bool, workers: int | None = None
+) -> StreamSource:
+    """Every image under `root`, at any depth (`--unlabelled-dir`), as one unlabelled split."""
+    files = [(p, 0) for p in folder.unlabelled_files(root)]
+    log.info("%s: %d unlabelled image files, decoded as they are needed", root, len(files))
+    return StreamSource(Path(root), files, (folder.UNLABELLED,), image_size, flip, workers)
+
+
 def _test_root(layout: folder.FolderLayout) -> Path:
-    if layout.held_out:  # every 10th training image (folder's rule)
-        return layout.root / "train"
-    return next(layout.root / n for n in ("test", "val") if (layout.root / n).is_dir())
+    own = None if layout.held_out else folder.own_test_folder(layout.root)
+    return own or layout.root / "train"  # held out: every 10th training image (folder's rule)
 
 
 __all__ = [
@@ -327,4 +341,5 @@ __all__ = [
     "StreamSource",
     "default_loader_workers",
     "open_stream",
+    "open_unlabelled_stream",
 ]
