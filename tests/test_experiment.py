@@ -448,4 +448,27 @@ def test_tune_visible_with_reused_weights_is_refused(tmp_path: Path, capsys, cal
     assert code == 2 and "fractions in (0, 1)" in err
     code, _, err = run_cli(args[:3] + args[5:], capsys)  # no --labels, no --subset-file
     assert code == 2 and "needs --labels or --subset-file" in err
+    # A subset file is checked before any pretraining: the digits have no file names.
+    (tmp_path / "pick.txt").write_text("0.png\n")
+    code, _, err = run_cli([*args, "--subset-file", str(tmp_path / "pick.txt")], capsys)
+    assert code == 2 and "the digits data has no file names" in err
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}
+    assert not (tmp_path / "exp").exists()
+
+
+def test_experiment_refuses_another_p_grid_or_pool_in_the_same_folder(
+    tmp_path: Path, capsys, calls
+):
+    out = tmp_path / "exp"
+    out.mkdir()
+    plan = {"labels": [3], "seeds": 1, "tune_visible": [0.75, 0.5], "unlabelled_dir": None}
+    config = cli.get_preset("tiny").to_dict()
+    (out / "experiment.json").write_text(json.dumps({"config": config, "plan": plan}))
+    args = ["experiment", "--preset", "tiny", "--labels", "3", "--seeds", "1", "--out", str(out)]
+    code, _, err = run_cli([*args, "--tune-visible", "0.75"], capsys)
+    assert code == 2 and "made with --tune-visible [0.75, 0.5], not [0.75]" in err
+    code, _, err = run_cli(
+        [*args, "--tune-visible", "0.75,0.5", "--unlabelled-dir", str(tmp_path)], capsys
+    )
+    assert code == 2 and "made with --unlabelled-dir None" in err
     assert calls == {"finetune": [], "pretrain": [], "resumed": []}

@@ -30,7 +30,8 @@ from selfie import report
 from selfie.checkpoint import list_checkpoints
 from selfie.config import Config, config_from_dict, validate
 from selfie.data import refuse_data_dir
-from selfie.data.subsets import amount_label, subset_label
+from selfie.data.source import train_names
+from selfie.data.subsets import amount_label, read_subset_file, subset_label
 from selfie.errors import UserError
 from selfie.finetune import FinetuneSpec, finetune
 from selfie.pretrain import pretrain
@@ -121,9 +122,8 @@ def _with(config: Config, **finetune_changes: Any) -> Config:
     return replace(config, finetune=replace(config.finetune, **finetune_changes))
 
 
-def _check_plan(out: Path, config: Config, plan: Plan) -> None:
-    """Refuse a plan that cannot run, and an experiment folder that holds another config's
-    results (an experiment folder belongs to one config)."""
+def _validate_plan(config: Config, plan: Plan) -> None:
+    """Refuse a plan that cannot run, before anything is written."""
     names = [amount_label(a) for a in plan.labels] + [subset_label(f) for f in plan.subset_files]
     if not names:
         raise UserError("experiment needs --labels or --subset-file (or both)")
@@ -141,14 +141,32 @@ def _check_plan(out: Path, config: Config, plan: Plan) -> None:
         raise UserError(f"--tune-visible lists a value twice: {plan.tune_visible}")
     for p in plan.tune_visible:
         validate(_visible(config, p))  # each p leaves patches visible and masked
+
+
+def _check_plan(out: Path, config: Config, plan: Plan) -> None:
+    """An experiment folder belongs to one config (and one set of pretrainings): refuse to
+    mix results of two."""
+    _validate_plan(config, plan)
     path = out / "experiment.json"
     if path.exists():
-        stored = config_from_dict(json.loads(path.read_text())["config"])
+        saved = json.loads(path.read_text())
+        stored = config_from_dict(saved["config"])
         if stored != config:
             raise UserError(
                 f"{out} holds an experiment with other settings (preset '{stored.name}'); "
                 "use the same preset and --set values, or another --out"
             )
+        # Finished runs would be reused as if made with these: the p tried, the pool.
+        now = json.loads(json.dumps(asdict(plan)))
+        for key, flag, default in (
+            ("tune_visible", "--tune-visible", []),
+            ("unlabelled_dir", "--unlabelled-dir", None),
+        ):
+            if saved["plan"].get(key, default) != now[key]:
+                raise UserError(
+                    f"{out} holds an experiment made with {flag} {saved['plan'].get(key)}, not "
+                    f"{now[key]}; give the same, or another --out"
+                )
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, {"config": config.to_dict(), "plan": asdict(plan)})
 
@@ -182,6 +200,8 @@ def _pretrained_weights(config: Config, plan: Plan, out: Path, rt: Runtime) -> l
 def run_experiment(config: Config, plan: Plan, out: Path, rt: Runtime) -> list[report.Cell]:
     config = validate(config)
     refuse_data_dir(config.data.dataset, rt.data_dir)  # before the folder is written
+    for listed in plan.subset_files:  # before hours of pretraining, not after
+        read_subset_file(listed, train_names(config.data, rt.data_dir), config.data.dataset)
     _check_plan(out, config, plan)
     weights = _pretrained_weights(config, plan, out, rt)
     unlabelled = unlabelled_images(str(weights[0][1]))

@@ -88,17 +88,17 @@ def _load(path: Path, folder: str) -> tuple[list[str], int] | None:
             data: Any = json.load(f)
     except (OSError, EOFError, ValueError):
         return None  # absent, unreadable or damaged: walk again
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    expected = {"format": FORMAT, "folder": folder, "extensions": list(EXTENSIONS)}
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in expected.items()):
         return None
-    if data.get("folder") != folder or data.get("extensions") != list(EXTENSIONS):
-        return None
-    for rel, mtime in data["mtimes"].items():
-        try:
+    try:
+        for rel, mtime in data["mtimes"].items():
             if os.stat(os.path.join(folder, rel)).st_mtime_ns != mtime:
                 return None
-        except OSError:
-            return None
-    return data["files"], data["ignored"]
+        files, ignored = list(data["files"]), int(data["ignored"])
+    except (OSError, KeyError, TypeError, AttributeError, ValueError):
+        return None  # a folder gone, or a list not written by this module
+    return files, ignored
 
 
 def _save(path: Path, folder: str, files: list[str], ignored: int, mtimes: dict) -> None:

@@ -84,6 +84,18 @@ class FolderLayout:
     ignored: int  # files that are not images by their extension
     notes: tuple[str, ...] = ()  # layout warnings, e.g. labels dropped
 
+    def split_root(self, split: str) -> Path:
+        """The folder the files of `split` lie under (their names are relative to it): test/
+        or val/ for a test split of its own, else the training folder."""
+        train = self.root / "train" if self.split_folders else self.root
+        own = None if split == "train" or self.held_out else own_test_folder(self.root)
+        return own or train
+
+    def names(self, split: str) -> list[str]:
+        """The files of `split` as "/"-joined paths relative to split_root(split)."""
+        root = self.split_root(split)
+        return [p.relative_to(root).as_posix() for p, _ in self.files[split]]
+
 
 @dataclass
 class Decoded:
@@ -376,10 +388,9 @@ def load_folder(
             f"{HOLD_OUT_EVERY} images to hold out one in {HOLD_OUT_EVERY}; add a test/ folder "
             "beside train/ with the same class sub-folders"
         )
-    split_root = layout.root / "train" if layout.split_folders else layout.root
-    if split == "test" and not layout.held_out:
-        split_root = own_test_folder(layout.root) or split_root
-    return _decode_split(files, layout.classes, image_size, split_root, split, workers)
+    return _decode_split(
+        files, layout.classes, image_size, layout.split_root(split), split, workers
+    )
 
 
 def unlabelled_files(root: str | Path) -> list[Path]:

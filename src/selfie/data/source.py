@@ -34,6 +34,8 @@ from selfie.errors import UserError
 
 log = logging.getLogger(__name__)
 
+NAMED_DATASETS = ("folder", *STREAMED_DATASETS)  # read from files: images have names
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (R, C, S, S) and int64 (R,), on the device
 
 
@@ -199,6 +201,18 @@ def open_source(
     return MemorySource(images, data.pad, data.flip)
 
 
+def train_names(data: DataConfig, data_dir: str | Path | None) -> list[str] | None:
+    """The training split's file names (BatchSource.names) from the folder's listing alone,
+    before anything is decoded; None for datasets without file names."""
+    if data.dataset not in NAMED_DATASETS:
+        return None
+    if data_dir is None:
+        raise UserError(f"dataset {data.dataset!r} needs --data-dir DIR, the folder of images")
+    from selfie.data.folder import scan_folder
+
+    return scan_folder(data_dir).names("train")
+
+
 def open_unlabelled(
     data: DataConfig,
     unlabelled_dir: str | Path,
@@ -213,7 +227,7 @@ def open_unlabelled(
     of the labelled image folder at `data_dir`: pretraining must not see the test images."""
     from selfie.data import folder
 
-    if data.dataset in ("folder", *STREAMED_DATASETS) and data_dir is not None:
+    if data.dataset in NAMED_DATASETS and data_dir is not None:
         _refuse_test_images(Path(unlabelled_dir), Path(data_dir))
     if data.dataset in STREAMED_DATASETS:
         from selfie.data.stream import open_unlabelled_stream
@@ -254,4 +268,5 @@ __all__ = [
     "TrainPlan",
     "open_source",
     "open_unlabelled",
+    "train_names",
 ]

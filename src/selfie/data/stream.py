@@ -308,7 +308,7 @@ def open_stream(
     files = layout.files[split]
     if not files:
         raise UserError(f"{layout.root} has no {split} images; add val/ beside train/")
-    root = layout.root / "train" if split == "train" else _test_root(layout)
+    root = layout.split_root(split)
     log.info(
         "%s %s split: %d image files, %d classes, decoded as they are needed",
         layout.root,
@@ -326,11 +326,6 @@ def open_unlabelled_stream(
     files = [(p, 0) for p in folder.unlabelled_files(root)]
     log.info("%s: %d unlabelled image files, decoded as they are needed", root, len(files))
     return StreamSource(Path(root), files, (folder.UNLABELLED,), image_size, flip, workers)
-
-
-def _test_root(layout: folder.FolderLayout) -> Path:
-    own = None if layout.held_out else folder.own_test_folder(layout.root)
-    return own or layout.root / "train"  # held out: every 10th training image (folder's rule)
 
 
 __all__ = [
