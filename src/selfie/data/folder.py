@@ -59,7 +59,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from selfie.data import ImageSet
-from selfie.data.filelist import EXTENSIONS, find_images
+from selfie.data.filelist import EXTENSIONS, list_images
 from selfie.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class FolderLayout:
     held_out: bool  # True when the test split was held out of the training images
     ignored: int  # files that are not images by their extension
     notes: tuple[str, ...] = ()  # layout warnings, e.g. labels dropped
+    # split -> its files as names() gives them, when the scan has them at hand
+    relative: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def split_root(self, split: str) -> Path:
         """The folder the files of `split` lie under (their names are relative to it): test/
@@ -93,6 +95,8 @@ class FolderLayout:
 
     def names(self, split: str) -> list[str]:
         """The files of `split` as "/"-joined paths relative to split_root(split)."""
+        if split in self.relative:
+            return self.relative[split]
         root = self.split_root(split)
         return [p.relative_to(root).as_posix() for p, _ in self.files[split]]
 
@@ -107,9 +111,10 @@ class Decoded:
     errors: list[tuple[Path, str]] = field(default_factory=list)  # (file, why) for bad ones
 
 
-def _class_names(folder: Path, paths: list[Path], notes: list[str]) -> list[str]:
-    """Each image's class: its first-level sub-folder, or UNLABELLED if any image is loose."""
-    rel = [p.relative_to(folder).parts for p in paths]
+def _class_names(folder: Path, rels: list[str], notes: list[str]) -> list[str]:
+    """Each image's class (`rels`: paths relative to `folder`): its first-level sub-folder, or
+    UNLABELLED if any image is loose."""
+    rel = [r.split("/", 1) for r in rels]
     loose = sum(len(parts) == 1 for parts in rel)
     if loose == 0:
         return [parts[0] for parts in rel]
@@ -144,22 +149,24 @@ def scan_folder(root: str | Path) -> FolderLayout:
             f"or move {test_dir.name}/ out if it is meant to be a class"
         )
     source = train_dir if split_folders else root
-    paths, ignored = find_images(source)
+    rels, ignored = list_images(source)
+    paths = [source / r for r in rels]
     if not paths:
         raise UserError(
             f"no images found under {source} (looked for {' '.join(EXTENSIONS)} at any depth); "
             "point --data-dir at the folder that holds them"
         )
     notes: list[str] = []
-    names = _class_names(source, paths, notes)
+    names = _class_names(source, rels, notes)
     classes = tuple(sorted(set(names)))
     index = {c: i for i, c in enumerate(classes)}
     train = [(p, index[n]) for p, n in zip(paths, names, strict=True)]
 
     if split_folders and test_dir is not None:
-        test_paths, test_ignored = find_images(test_dir)
+        test_rels, test_ignored = list_images(test_dir)
+        test_paths = [test_dir / r for r in test_rels]
         ignored += test_ignored
-        test_names = _class_names(test_dir, test_paths, notes)
+        test_names = _class_names(test_dir, test_rels, notes)
         if classes == (UNLABELLED,):
             test_names = [UNLABELLED] * len(test_paths)  # no labels to match: all class 0
         unknown = sorted(set(test_names) - set(classes))
@@ -174,6 +181,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
                 f"class folder of {train_dir}; give both splits the same class sub-folders"
             )
         test = [(p, index[n]) for p, n in zip(test_paths, test_names, strict=True)]
+        relative = {"train": rels, "test": test_rels}
     else:
         # Hold out every HOLD_OUT_EVERY-th file of each class, counted in sorted order.
         seen = [0] * len(classes)
@@ -183,6 +191,10 @@ def scan_folder(root: str | Path) -> FolderLayout:
             test_flags.append(seen[label] % HOLD_OUT_EVERY == 0)
         test = [item for item, t in zip(train, test_flags, strict=True) if t]
         train = [item for item, t in zip(train, test_flags, strict=True) if not t]
+        relative = {
+            "train": [r for r, t in zip(rels, test_flags, strict=True) if not t],
+            "test": [r for r, t in zip(rels, test_flags, strict=True) if t],
+        }
     return FolderLayout(
         root=root,
         classes=classes,
@@ -191,6 +203,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
         held_out=test_dir is None,
         ignored=ignored,
         notes=tuple(notes),
+        relative=relative,
     )
 
 
@@ -388,34 +401,35 @@ def load_folder(
             f"{HOLD_OUT_EVERY} images to hold out one in {HOLD_OUT_EVERY}; add a test/ folder "
             "beside train/ with the same class sub-folders"
         )
-    return _decode_split(
-        files, layout.classes, image_size, layout.split_root(split), split, workers
-    )
+    root, names = layout.split_root(split), layout.names(split)
+    return _decode_split(files, layout.classes, image_size, root, split, workers, names)
 
 
-def unlabelled_files(root: str | Path) -> list[Path]:
-    """Every image file under `root`, at any depth, in sorted order (`--unlabelled-dir`):
-    class folders, train/ and test/ folders are not told apart, their images all count."""
+def unlabelled_names(root: str | Path) -> list[str]:
+    """Every image file under `root`, at any depth, in sorted order (`--unlabelled-dir`), as
+    "/"-joined paths relative to it: class folders, train/ and test/ folders are not told
+    apart, their images all count."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(
             f"--unlabelled-dir {root} does not exist or is not a folder; point it at a folder "
             f"of images ({' '.join(EXTENSIONS)}, found at any depth)"
         )
-    paths, _ = find_images(root)
-    if not paths:
+    names, _ = list_images(root)
+    if not names:
         raise UserError(
             f"no images found under {root} (looked for {' '.join(EXTENSIONS)} at any depth); "
             "point --unlabelled-dir at the folder that holds them"
         )
-    return paths
+    return names
 
 
 def load_unlabelled(root: str | Path, image_size: int, *, workers: int | None = None) -> ImageSet:
-    """Every image under `root` (`unlabelled_files`), decoded as `load_folder` decodes, as
+    """Every image under `root` (`unlabelled_names`), decoded as `load_folder` decodes, as
     one class UNLABELLED."""
-    files = [(p, 0) for p in unlabelled_files(root)]
-    return _decode_split(files, (UNLABELLED,), image_size, Path(root), "unlabelled", workers)
+    names = unlabelled_names(root)
+    files = [(Path(root) / n, 0) for n in names]
+    return _decode_split(files, (UNLABELLED,), image_size, Path(root), "unlabelled", workers, names)
 
 
 def _decode_split(
@@ -425,9 +439,10 @@ def _decode_split(
     split_root: Path,
     split: str,
     workers: int | None,
+    names: list[str],
 ) -> ImageSet:
-    """Decode `files` ((path, label), under split_root) into an ImageSet, skipping (and
-    naming, in one warning) the files that do not decode."""
+    """Decode `files` ((path, label), under split_root, there called `names`) into an
+    ImageSet, skipping (and naming, in one warning) the files that do not decode."""
     t0 = time.perf_counter()
     paths = [p for p, _ in files]
     decoded = decode_images(paths, image_size, workers)
@@ -446,9 +461,7 @@ def _decode_split(
             "they are images Pillow can read"
         )
     labels = np.array([label for _, label in files], dtype=np.int64)[decoded.ok]  # (N,)
-    names = tuple(
-        p.relative_to(split_root).as_posix() for p, ok in zip(paths, decoded.ok, strict=True) if ok
-    )
+    kept = tuple(name for name, ok in zip(names, decoded.ok, strict=True) if ok)
     log.info(
         "%s %s split: %d images, %d classes, %dx%d, decoded in %.1f s",
         split_root,
@@ -463,7 +476,7 @@ def _decode_split(
         images=torch.from_numpy(decoded.images),
         labels=torch.from_numpy(labels),
         classes=classes,
-        names=names,
+        names=kept,
     )
 
 
@@ -479,7 +492,7 @@ __all__ = [
     "open_image",
     "own_test_folder",
     "scan_folder",
-    "unlabelled_files",
+    "unlabelled_names",
     "upright_rgb",
     "upright_size",
 ]

@@ -70,11 +70,19 @@ class FileImages(Dataset):
     they touch each string's reference count (a 1.28M-file list would be copied per worker).
     """
 
-    def __init__(self, root: Path, files: Sequence[tuple[Path, int]], size: int, flip: bool):
+    def __init__(
+        self,
+        root: Path,
+        files: Sequence[tuple[Path, int]],
+        size: int,
+        flip: bool,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        """names: the files relative to root, "/"-joined, if the caller has them (cheaper)."""
         self.root = str(root)
-        self.paths = np.array(
-            [p.relative_to(root).as_posix().encode() for p, _ in files], dtype=bytes
-        )
+        if names is None:
+            names = [p.relative_to(root).as_posix() for p, _ in files]
+        self.paths = np.array([n.encode() for n in names], dtype=bytes)
         self.labels = np.array([label for _, label in files], dtype=np.int64)  # (N,)
         self.size, self.flip = size, flip
         self.max_pixels = folder.MAX_PIXELS  # read now: workers get the value, not the global
@@ -219,8 +227,9 @@ class StreamSource:
         image_size: int,
         flip: bool,
         workers: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
-        self.images = FileImages(root, files, image_size, flip)
+        self.images = FileImages(root, files, image_size, flip, names)
         self.classes = classes
         self.labels = torch.from_numpy(self.images.labels)
         self.workers = default_loader_workers() if workers is None else workers
@@ -316,16 +325,18 @@ def open_stream(
         len(files),
         len(layout.classes),
     )
-    return StreamSource(root, files, layout.classes, image_size, flip, workers)
+    names = layout.names(split)
+    return StreamSource(root, files, layout.classes, image_size, flip, workers, names)
 
 
 def open_unlabelled_stream(
     root: str | Path, image_size: int, *, flip: bool, workers: int | None = None
 ) -> StreamSource:
     """Every image under `root`, at any depth (`--unlabelled-dir`), as one unlabelled split."""
-    files = [(p, 0) for p in folder.unlabelled_files(root)]
+    names = folder.unlabelled_names(root)
+    files = [(Path(root) / n, 0) for n in names]
     log.info("%s: %d unlabelled image files, decoded as they are needed", root, len(files))
-    return StreamSource(Path(root), files, (folder.UNLABELLED,), image_size, flip, workers)
+    return StreamSource(Path(root), files, (folder.UNLABELLED,), image_size, flip, workers, names)
 
 
 __all__ = [
