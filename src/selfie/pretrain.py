@@ -129,8 +129,9 @@ def _unlabelled_dir(opts: RunOptions, stored: dict[str, Any]) -> str | None:
         return opts.unlabelled_dir
     own = stored.get("unlabelled_dir")
     if opts.unlabelled_dir is not None and opts.unlabelled_dir != own:
+        pool = own or "the dataset's training split"
         raise UserError(
-            f"--resume: the run pretrains on {own or 'the dataset training split'}, not on "
+            f"--resume: the run pretrains on {pool}, not on "
             f"--unlabelled-dir {opts.unlabelled_dir}; drop --unlabelled-dir to continue it"
         )
     return own
@@ -147,7 +148,6 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     distributed.check_sync_bn(device, opts.sync_bn)
     d, p = config.data, config.pretrain
     distributed.split_batch(p.batch_size, info.world_size, opts.accum)
-    # Rank 0 first: it alone downloads; the others then find the files.
     # Rank 0 first: it alone downloads; the others then find the files. The held-out pretext
     # accuracy is measured on the labelled dataset's test split, also with --unlabelled-dir.
     train, heldout = distributed.main_first(
