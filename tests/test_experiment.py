@@ -415,6 +415,8 @@ def test_p_and_lr_tuning_rule_and_subset_file_cells(tmp_path: Path, capsys, monk
 
     monkeypatch.setattr(selfie.experiment, "pretrain", fake_pretrain)
     monkeypatch.setattr(selfie.experiment, "finetune", fake_finetune)
+    # The digits have no file names; give the subset file's check some to match.
+    monkeypatch.setattr(selfie.experiment, "train_names", lambda data, data_dir: ["a.png"])
     (tmp_path / "pick.txt").write_text("a.png\n")
     out = tmp_path / "exp"
     args = ["experiment", "--preset", "tiny", "--labels", "3", "--seeds", "1", "--tune"]
