@@ -314,10 +314,23 @@ def _named_folder(root: Path, per_class: int = 4) -> Path:
     return root
 
 
-def test_subset_file_selects_the_named_images_through_finetune(tmp_path: Path, capsys) -> None:
-    """Bare names and relative paths pick exactly those training images; subset.json and
+def test_subset_file_selects_the_named_images_through_finetune(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Bare names and relative paths pick exactly those training images, and training draws
+    from them alone (with --validation, from their 90% part alone); subset.json and
     summary.json record them, the count of each class, and the file's path and sha256."""
+    from selfie.data import source
     from tests.helpers import run_cli
+
+    drawn: list[int] = []  # the training positions of every image of every step's batch
+    real_get = source.MemoryBatches.get
+
+    def get(self, step, rows, generator):
+        drawn.extend(self.pool[self.sampler.batch(step)].tolist())
+        return real_get(self, step, rows, generator)
+
+    monkeypatch.setattr(source.MemoryBatches, "get", get)
 
     data = _named_folder(tmp_path / "data")
     listed = tmp_path / "pick.txt"
@@ -346,6 +359,25 @@ def test_subset_file_selects_the_named_images_through_finetune(tmp_path: Path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["subset_file"] == record and summary["labels"] is None
     assert summary["train_images"] == 6 and summary["labelled_per_class"] == [3, 1, 2]
+    assert set(drawn) == set(subset["train"])  # 2 steps of 6: each named image, none else
+
+    drawn.clear()
+    tune, listed_for_tuning = tmp_path / "tune", tmp_path / "tune.txt"
+    listed_for_tuning.write_text(
+        "".join(
+            f"{n}.png\n" for n in ["ant_0", "ant_1", "ant_2", "bee_0", "bee_1", "cat_0", "cat_1"]
+        )
+    )
+    code, _, err = run_cli(
+        [*args[:-1], str(tune), "--subset-file", str(listed_for_tuning), "--validation"], capsys
+    )
+    assert code == 0, err
+    split = json.loads((tune / "subset.json").read_text())
+    assert len(split["val"]) == 3 and len(split["train"]) == 4  # one of each class held out
+    assert sorted(names[i].split("/")[1] for i in split["train"] + split["val"]) == sorted(
+        listed_for_tuning.read_text().split()
+    )
+    assert set(drawn) == set(split["train"])  # never a validation image
 
     # A list naming an image the data does not have: one line naming it, no run folder.
     listed.write_text("ant_0.png\ndog_9.png\n")
