@@ -36,6 +36,7 @@ ARGS = [
     "finetune.checkpoint_every=2",
 ]
 RESULT_KEYS = {"head", "labels", "fraction", "arm", "seed", "lr", "test_acc", "run"}
+RESULT_KEYS |= {"labelled_images", "unlabelled_images"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,10 +92,16 @@ def test_experiment_writes_results_tuning_and_report(experiment: Path):
         for s in (0, 1)
     }
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    pretrained_on = json.loads((experiment / "pretrain" / "summary.json").read_text())
+    assert pretrained_on["train_images"] == 1437  # every training digit
     for r in rows:
         summary = json.loads((experiment / r["run"] / "summary.json").read_text())
         assert summary["test_acc"] == r["test_acc"] and summary["seed"] == r["seed"]
         assert summary["arm"] == r["arm"] and summary["head"] == r["head"]
+        assert (
+            r["labelled_images"] == summary["train_images"] == (30 if r["labels"] == "3pc" else 70)
+        )
+        assert r["unlabelled_images"] == (1437 if r["arm"] == "pretrained" else 0)
 
     tuning = read_lines(experiment / "tuning.jsonl")
     assert len(tuning) == 16
@@ -109,6 +116,9 @@ def test_experiment_writes_results_tuning_and_report(experiment: Path):
 
     table = (experiment / "table.md").read_text()
     assert "Table 1" in table and "Table 2" in table
+    # Each cell says what it used: unlabelled / labelled images and their ratio.
+    assert "| 3/class (2.09%) |" in table and "| 1,437 / 30 (47.9x) |" in table
+    assert "| 1,437 / 70 (20.5x) |" in table
     csv_lines = (experiment / "table.csv").read_text().splitlines()
     assert csv_lines[0].split(",") == CSV_COLUMNS and len(csv_lines) == 1 + 4
     assert (experiment / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -159,7 +169,7 @@ def test_tuning_picks_best_val_lr_and_smaller_on_ties(tmp_path: Path, capsys, mo
         f = config.finetune
         used.append((spec.head, spec.arm, spec.validation, f.lr))
         score = {"val_acc": val_acc[(spec.head, spec.arm)][f.lr]} if spec.validation else {}
-        return {"fraction": 0.1, "test_acc": 0.5, **score}
+        return {"fraction": 0.1, "test_acc": 0.5, "train_images": 10, **score}
 
     monkeypatch.setattr(selfie.experiment, "finetune", fake_finetune)
     out = tmp_path / "exp"
@@ -301,3 +311,166 @@ def test_experiment_refuses_other_settings_in_same_folder(
     assert len(lines) == 1 and "other settings" in lines[0], err
     assert calls == {"finetune": [], "pretrain": [], "resumed": []}
     assert (out / "experiment.json").read_text() == plan
+
+
+def test_tune_visible_on_tiny_pretrains_once_per_p_and_chooses_by_validation(
+    tmp_path: Path, capsys, calls
+):
+    """--tune-visible 0.75,0.5 with --unlabelled-dir: one pretraining per p on the pool, the
+    pretrained arm finetuned from each on the 90/10 split, the final runs from the p of best
+    validation accuracy (a tie to the p listed first); the table says which p and how many
+    unlabelled and labelled images; a rerun redoes nothing."""
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    for i in range(20):
+        path = pool / ("", "more/")[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.effect_noise((40, 30 + i), 50 + 5 * i).convert("RGB").save(path)
+    out = tmp_path / "exp"
+    args = ["experiment", "--preset", "tiny", "--labels", "3", "--seeds", "1", "--out", str(out)]
+    args += ["--tune-visible", "0.75,0.5", "--unlabelled-dir", str(pool)]
+    args += ["--set", "pretrain.steps=2", "--set", "finetune.steps=2"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+
+    for p in (0.75, 0.5):
+        pre = out / "pretrain" / f"p{p:g}"
+        assert (
+            json.loads((pre / "config.json").read_text())["config"]["pretrain"]["visible_fraction"]
+            == p
+        )
+        summary = json.loads((pre / "summary.json").read_text())
+        assert summary["train_images"] == 20 and summary["unlabelled_dir"] == str(pool)
+    tuning = read_lines(out / "tuning.jsonl")
+    assert [(t["arm"], t["visible"], t["lr"]) for t in tuning] == [
+        ("pretrained", 0.75, 0.05),  # the tiny preset's LR: --tune was not given
+        ("pretrained", 0.5, 0.05),
+    ]
+    for t in tuning:
+        tuned = json.loads(
+            (
+                out
+                / "tune/resnet50/3pc/pretrained"
+                / f"p{t['visible']:g}"
+                / "lr0.05"
+                / "summary.json"
+            ).read_text()
+        )
+        assert tuned["validation"] is True and "test_acc" not in tuned
+        assert tuned["val_acc"] == t["val_acc"] and tuned["init"].endswith(f"p{t['visible']:g}")
+    best = max(t["val_acc"] for t in tuning)
+    chosen = next(t["visible"] for t in tuning if t["val_acc"] == best)
+    rows = {r["arm"]: r for r in read_lines(out / "results.jsonl")}
+    assert rows["pretrained"]["visible"] == chosen and "visible" not in rows["scratch"]
+    run = json.loads((out / rows["pretrained"]["run"] / "config.json").read_text())
+    assert run["run"]["finetune"]["init"] == str(out / "pretrain" / f"p{chosen:g}")
+    assert run["config"]["pretrain"]["visible_fraction"] == chosen
+    assert (
+        rows["pretrained"]["unlabelled_images"] == 20 and rows["scratch"]["unlabelled_images"] == 0
+    )
+    assert rows["pretrained"]["labelled_images"] == rows["scratch"]["labelled_images"] == 30
+
+    table = (out / "table.md").read_text()
+    assert f"| 20 / 30 (0.667x) | {chosen:g} |" in table and "p (chosen)" in stdout
+    assert "## Peak-LR and p tuning" in table
+    plan = json.loads((out / "experiment.json").read_text())["plan"]
+    assert plan["tune_visible"] == [0.75, 0.5] and plan["unlabelled_dir"] == str(pool)
+
+    assert len(calls["pretrain"]) == 2 and len(calls["finetune"]) == 4
+    for seen in calls.values():
+        seen.clear()
+    code, _, err = run_cli(args, capsys)  # recorded: a rerun finds everything done
+    assert code == 0, err
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}
+
+
+def test_p_and_lr_tuning_rule_and_subset_file_cells(tmp_path: Path, capsys, monkeypatch):
+    """With val_acc given per (p, LR): the best pair wins, a tie goes to the p listed first,
+    then to the smaller LR; the scratch arm tunes only its LR. A --subset-file cell is named
+    after its file."""
+    import selfie.experiment
+
+    val_acc = {  # cell -> {(p, lr): val_acc}; p None for scratch
+        "3pc": {(0.75, 0.02): 0.5, (0.75, 0.05): 0.6, (0.5, 0.02): 0.6, (0.5, 0.05): 0.4},
+        "file-pick.txt": {(0.75, 0.02): 0.3, (0.75, 0.05): 0.2, (0.5, 0.02): 0.9, (0.5, 0.05): 0.9},
+    }
+    scratch = {0.02: 0.1, 0.05: 0.2}
+    finals = []
+
+    def fake_pretrain(config, opts):
+        return {}
+
+    def fake_finetune(config, spec, opts):
+        cell = "3pc" if spec.subset_file is None else "file-pick.txt"
+        p = config.pretrain.visible_fraction
+        if spec.init is not None:
+            assert spec.init.endswith(f"p{p:g}")  # the finetuned weights are p's
+        if not spec.validation:
+            finals.append((cell, spec.arm, None if spec.init is None else p, config.finetune.lr))
+            return {"fraction": 0.1, "test_acc": 0.5, "train_images": 12}
+        lr = config.finetune.lr
+        score = scratch[lr] if spec.init is None else val_acc[cell][(p, lr)]
+        return {"val_acc": score}
+
+    monkeypatch.setattr(selfie.experiment, "pretrain", fake_pretrain)
+    monkeypatch.setattr(selfie.experiment, "finetune", fake_finetune)
+    # The digits have no file names; give the subset file's check some to match.
+    monkeypatch.setattr(selfie.experiment, "train_names", lambda data, data_dir: ["a.png"])
+    (tmp_path / "pick.txt").write_text("a.png\n")
+    out = tmp_path / "exp"
+    args = ["experiment", "--preset", "tiny", "--labels", "3", "--seeds", "1", "--tune"]
+    args += ["--subset-file", str(tmp_path / "pick.txt"), "--tune-visible", "0.75,0.5"]
+    code, _, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(finals) == sorted(
+        [
+            ("3pc", "pretrained", 0.75, 0.05),  # tie at 0.6 with (0.5, 0.02): the first p
+            ("3pc", "scratch", None, 0.05),
+            ("file-pick.txt", "pretrained", 0.5, 0.02),  # tie at 0.9: the smaller LR
+            ("file-pick.txt", "scratch", None, 0.05),
+        ]
+    )
+    tuning = read_lines(out / "tuning.jsonl")
+    assert len(tuning) == 2 * (4 + 2)
+    assert {t.get("visible") for t in tuning if t["arm"] == "scratch"} == {None}
+    table = (out / "table.md").read_text()
+    assert "| pick.txt (10%) |" in table and "| 3/class (10%) |" in table
+    # The tuning table bolds each arm's choice, the same as the runs made.
+    assert "| resnet50 | 3/class | pretrained | 0.75 | 50.0 | **60.0** |" in table
+    assert "| resnet50 | 3/class | pretrained | 0.5 | 60.0 | 40.0 |" in table
+    assert "| resnet50 | pick.txt | pretrained | 0.5 | **90.0** | 90.0 |" in table
+
+
+def test_tune_visible_with_reused_weights_is_refused(tmp_path: Path, capsys, calls):
+    args = ["experiment", "--preset", "tiny", "--labels", "3", "--out", str(tmp_path / "exp")]
+    code, _, err = run_cli([*args, "--tune-visible", "0.75,0.5", "--pretrained", "w"], capsys)
+    assert code == 2 and "--pretrained reuses weights" in err
+    code, _, err = run_cli([*args, "--tune-visible", "0.75,1.5"], capsys)
+    assert code == 2 and "fractions in (0, 1)" in err
+    code, _, err = run_cli(args[:3] + args[5:], capsys)  # no --labels, no --subset-file
+    assert code == 2 and "needs --labels or --subset-file" in err
+    # A subset file is checked before any pretraining: the digits have no file names.
+    (tmp_path / "pick.txt").write_text("0.png\n")
+    code, _, err = run_cli([*args, "--subset-file", str(tmp_path / "pick.txt")], capsys)
+    assert code == 2 and "the digits data has no file names" in err
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}
+    assert not (tmp_path / "exp").exists()
+
+
+def test_experiment_refuses_another_p_grid_or_pool_in_the_same_folder(
+    tmp_path: Path, capsys, calls
+):
+    out = tmp_path / "exp"
+    out.mkdir()
+    plan = {"labels": [3], "seeds": 1, "tune_visible": [0.75, 0.5], "unlabelled_dir": None}
+    config = cli.get_preset("tiny").to_dict()
+    (out / "experiment.json").write_text(json.dumps({"config": config, "plan": plan}))
+    args = ["experiment", "--preset", "tiny", "--labels", "3", "--seeds", "1", "--out", str(out)]
+    code, _, err = run_cli([*args, "--tune-visible", "0.75"], capsys)
+    assert code == 2 and "made with --tune-visible [0.75, 0.5], not [0.75]" in err
+    code, _, err = run_cli(
+        [*args, "--tune-visible", "0.75,0.5", "--unlabelled-dir", str(tmp_path)], capsys
+    )
+    assert code == 2 and "made with --unlabelled-dir None" in err
+    assert calls == {"finetune": [], "pretrain": [], "resumed": []}

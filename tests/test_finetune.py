@@ -325,6 +325,7 @@ def test_finetune_scratch_writes_run_folder(tmp_path: Path, capsys):
         "head": "resnet50",
         "init": None,
         "validation": False,
+        "subset_file": None,
     }
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]

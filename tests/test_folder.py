@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -301,3 +302,151 @@ def test_labelled_amounts_on_unequal_classes_through_finetune(tmp_path: Path, ca
         assert summary["train_images"] == sum(counts)
         assert summary["labelled_per_class"] == counts
         assert json.loads((out / "subset.json").read_text())["labelled_per_class"] == counts
+
+
+def _named_folder(root: Path, per_class: int = 4) -> Path:
+    """train/<class>/<class>_<i>.png for ant, bee, cat (file names unique across classes),
+    and one test image per class."""
+    for c, name in enumerate(("ant", "bee", "cat")):
+        for i in range(per_class):
+            save(root / "train" / name / f"{name}_{i}.png", noise(32, 32, 100 * c + i))
+        save(root / "test" / name / "t.png", noise(32, 32, 999 + c))
+    return root
+
+
+def test_subset_file_selects_the_named_images_through_finetune(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Bare names and relative paths pick exactly those training images, and training draws
+    from them alone (with --validation, from their 90% part alone); subset.json and
+    summary.json record them, the count of each class, and the file's path and sha256."""
+    from selfie.data import source
+    from tests.helpers import run_cli
+
+    drawn: list[int] = []  # the training positions of every image of every step's batch
+    real_get = source.MemoryBatches.get
+
+    def get(self, step, rows, generator):
+        drawn.extend(self.pool[self.sampler.batch(step)].tolist())
+        return real_get(self, step, rows, generator)
+
+    monkeypatch.setattr(source.MemoryBatches, "get", get)
+
+    data = _named_folder(tmp_path / "data")
+    listed = tmp_path / "pick.txt"
+    # Six images: a batch of 5 crashes torch 2.13's channels_last backward on 2 threads.
+    listed.write_text("ant_0.png\nant_3.png\nbee/bee_1.png\ncat_2.png\ncat/cat_0.png\nant_1.png\n")
+    out = tmp_path / "run"
+    args = ["finetune", "--preset", "tiny", "--dataset", "folder", "--scratch", "--data-dir"]
+    args += [str(data), "--set", "data.num_classes=3", "--steps", "2", "--out", str(out)]
+    code, _, err = run_cli([*args, "--subset-file", str(listed)], capsys)
+    assert code == 0, err
+    names = load_folder(data, 32, "train").names
+    assert names is not None
+    subset = json.loads((out / "subset.json").read_text())
+    chosen = [names[i] for i in subset["train"]]
+    assert chosen == [
+        "ant/ant_0.png",
+        "ant/ant_1.png",
+        "ant/ant_3.png",
+        "bee/bee_1.png",
+        "cat/cat_0.png",
+        "cat/cat_2.png",
+    ]
+    record = {"path": str(listed), "sha256": hashlib.sha256(listed.read_bytes()).hexdigest()}
+    record["lines"] = 6
+    assert subset["subset_file"] == record and subset["labelled_per_class"] == [3, 1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["subset_file"] == record and summary["labels"] is None
+    assert summary["train_images"] == 6 and summary["labelled_per_class"] == [3, 1, 2]
+    assert set(drawn) == set(subset["train"])  # 2 steps of 6: each named image, none else
+
+    drawn.clear()
+    tune, listed_for_tuning = tmp_path / "tune", tmp_path / "tune.txt"
+    listed_for_tuning.write_text(
+        "".join(
+            f"{n}.png\n" for n in ["ant_0", "ant_1", "ant_2", "bee_0", "bee_1", "cat_0", "cat_1"]
+        )
+    )
+    code, _, err = run_cli(
+        [*args[:-1], str(tune), "--subset-file", str(listed_for_tuning), "--validation"], capsys
+    )
+    assert code == 0, err
+    split = json.loads((tune / "subset.json").read_text())
+    assert len(split["val"]) == 3 and len(split["train"]) == 4  # one of each class held out
+    assert sorted(names[i].split("/")[1] for i in split["train"] + split["val"]) == sorted(
+        listed_for_tuning.read_text().split()
+    )
+    assert set(drawn) == set(split["train"])  # never a validation image
+
+    # A list naming an image the data does not have: one line naming it, no run folder.
+    listed.write_text("ant_0.png\ndog_9.png\n")
+    code, _, err = run_cli(
+        [*args[:-1], str(tmp_path / "bad"), "--subset-file", str(listed)], capsys
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "1 of its 2 names" in err and "dog_9.png" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_subset_file_on_a_dataset_without_file_names_is_refused(tmp_path: Path, capsys) -> None:
+    from tests.helpers import run_cli
+
+    listed = tmp_path / "pick.txt"
+    listed.write_text("0.png\n")
+    out = tmp_path / "run"
+    args = ["finetune", "--preset", "tiny", "--scratch", "--subset-file", str(listed)]
+    code, _, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "the digits data has no file names" in err and not out.exists()
+    code, _, err = run_cli([*args, "--labels", "3", "--out", str(out)], capsys)
+    assert code == 2 and "not allowed with argument" in err  # one or the other
+
+
+def test_pretraining_from_an_unlabelled_flat_folder(tmp_path: Path, capsys) -> None:
+    """--unlabelled-dir: every image at any depth, any size and mode, no class folders; the
+    held-out pretext accuracy is still measured on the dataset's test split (the digits'
+    360); the folder is recorded and a resume reads it back, to the same weights."""
+    import torch as t
+
+    from tests.helpers import run_cli
+
+    pool = tmp_path / "pool"
+    for i in range(20):
+        sub = ("", "holiday/", "holiday/day2/")[i % 3]
+        image = noise(40 + i, 30 + 2 * i, seed=i).convert(("RGB", "L", "RGBA")[i % 3])
+        save(pool / f"{sub}{i:02d}.{('png', 'jpg')[i % 3 == 1]}", image)
+    out = tmp_path / "run"
+    args = ["pretrain", "--preset", "tiny", "--steps", "4", "--out", str(out)]
+    code, _, err = run_cli([*args, "--unlabelled-dir", str(pool)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == 20 and summary["unlabelled_dir"] == str(pool)
+    assert summary["heldout_images"] == 360
+    assert json.loads((out / "config.json").read_text())["run"]["unlabelled_dir"] == str(pool)
+
+    final = t.load(out / "checkpoints" / "step_0000004.pt", weights_only=True)["model"]
+    (out / "checkpoints" / "step_0000004.pt").unlink()
+    (out / "summary.json").unlink()
+    code, _, err = run_cli(["pretrain", "--resume", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["train_images"] == 20
+    again = t.load(out / "checkpoints" / "step_0000004.pt", weights_only=True)["model"]
+    assert all(t.equal(again[k], final[k]) for k in final)
+    # Resuming on another pool is refused.
+    code, _, err = run_cli(
+        ["pretrain", "--resume", "--out", str(out), "--unlabelled-dir", str(tmp_path)], capsys
+    )
+    assert code == 2 and "drop --unlabelled-dir" in err
+
+
+def test_unlabelled_folder_holding_the_test_images_is_refused(tmp_path: Path, capsys) -> None:
+    from tests.helpers import run_cli
+
+    data = _named_folder(tmp_path / "data")
+    args = ["pretrain", "--preset", "tiny", "--dataset", "folder", "--data-dir", str(data)]
+    args += ["--set", "data.num_classes=3", "--out", str(tmp_path / "run")]
+    for pool in (data, data / "test" / "ant"):
+        code, _, err = run_cli([*args, "--unlabelled-dir", str(pool)], capsys)
+        assert code == 2 and "must not see the test images" in err, err
+    assert not (tmp_path / "run").exists()

@@ -152,6 +152,49 @@ def test_tuning_markdown_marks_the_choice() -> None:
     assert lines[3] == "| resnet50 | 5% | pretrained | **60.0** | 60.0 |"
 
 
+def test_table_says_the_images_each_cell_used_and_the_chosen_p() -> None:
+    """Rows that record their image counts (and, when p was tuned, the pretrained arm's p)
+    give the table a column of unlabelled / labelled images with their ratio, and one of the
+    chosen p; a subset file's cell is named after its file. Unknown counts show as "?"."""
+    rows = rows_for("resnet50", "frac0.05", 0.05, [70.0, 72.0], [75.0, 76.0])
+    rows += rows_for("resnet50", "file-1percent.txt", 0.0128, [40.0, 42.0], [50.0, 51.0])
+    for r in rows:
+        r["labelled_images"] = 2500 if r["labels"] == "frac0.05" else 640
+        r["unlabelled_images"] = 0 if r["arm"] == "scratch" else 50_000
+        if r["arm"] == "pretrained":
+            r["visible"] = 0.5 if r["labels"] == "frac0.05" else 0.75
+    lines = table_markdown(summarize(rows)).strip().splitlines()
+    assert lines[0].endswith("| Welch p | images: unlabelled / labelled | p (chosen) |")
+    assert lines[2].startswith("| 1percent.txt (1.28%) |")
+    assert lines[2].endswith("| 50,000 / 640 (78.1x) | 0.75 |")
+    assert lines[3].endswith("| 50,000 / 2,500 (20x) | 0.5 |")
+    for r in rows:
+        del r["unlabelled_images"]  # e.g. --pretrained weights of unknown origin
+        r.pop("visible", None)
+    lines = table_markdown(summarize(rows)).strip().splitlines()
+    assert lines[0].endswith("| images: unlabelled / labelled |")
+    assert lines[3].endswith("| ? / 2,500 |")
+    records = list(csv.DictReader(io.StringIO(table_csv(summarize(rows)))))
+    assert [r["labelled_images"] for r in records] == ["640", "2500"]
+    assert [r["unlabelled_images"] for r in records] == ["", ""]
+
+
+def test_tuning_markdown_with_p_marks_the_best_pair() -> None:
+    """One row per (arm, p) when p was tuned; the best (p, LR) of each arm in bold, a tie to
+    the p tuned first, then the smaller LR."""
+    rows = [
+        {"head": "resnet50", "labels": "3pc", "arm": "pretrained", "lr": lr, "val_acc": acc}
+        | {"visible": p}
+        for p, lr, acc in [(0.75, 0.1, 0.5), (0.75, 0.2, 0.7), (0.5, 0.1, 0.7), (0.5, 0.2, 0.6)]
+    ]
+    rows.append({"head": "resnet50", "labels": "3pc", "arm": "scratch", "lr": 0.1, "val_acc": 0.4})
+    lines = tuning_markdown(rows).strip().splitlines()
+    assert lines[0] == "| head | labelled | arm | p | LR 0.1 | LR 0.2 |"
+    assert lines[2] == "| resnet50 | 3/class | scratch | — | **40.0** | — |"
+    assert lines[3] == "| resnet50 | 3/class | pretrained | 0.75 | 50.0 | **70.0** |"
+    assert lines[4] == "| resnet50 | 3/class | pretrained | 0.5 | 70.0 | 60.0 |"
+
+
 def test_table_csv_parses_back() -> None:
     cells = summarize(sample_rows())
     records = list(csv.DictReader(io.StringIO(table_csv(cells))))

@@ -26,8 +26,9 @@ from selfie.data.crops import (
     random_resized_box,
     random_square_box,
 )
-from selfie.data.source import TrainPlan, open_source
+from selfie.data.source import TrainPlan, open_source, open_unlabelled
 from selfie.data.stream import IMAGENET_MEAN, StreamSource
+from selfie.data.subsets import read_subset_file
 from selfie.errors import UserError
 from tests.helpers import (
     CORRUPT,
@@ -179,6 +180,34 @@ def test_labels_follow_class_folders(tree: Path) -> None:
     got.close()
     val = source(tree, "test")
     assert val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_subset_file_names_streamed_files(tree: Path, tmp_path: Path) -> None:
+    """SimCLR's bare file names and relative paths both find files of a streamed tree."""
+    src = source(tree)
+    listed = tmp_path / "pick.txt"
+    listed.write_text("ant_0.JPEG\nbee/bee_3.png\ncat_5.JPEG\n")
+    got = read_subset_file(listed, src.names, "imagenet224")
+    assert src.names is not None
+    assert [src.names[i] for i in got.indices] == [
+        "ant/ant_0.JPEG",
+        "bee/bee_3.png",
+        "cat/cat_5.JPEG",
+    ]
+    assert src.labels[got.indices].tolist() == [0, 1, 2]
+
+
+def test_unlabelled_folder_streams_every_image_as_one_class(tree: Path) -> None:
+    """--unlabelled-dir on imagenet224: every file under the folder, class folders or not,
+    one class, pretraining's crop; a folder holding the labelled tree's val/ is refused."""
+    pool = open_unlabelled(DATA, tree / "train", tree, workers=0)
+    assert isinstance(pool, StreamSource) and len(pool) == 19  # the corrupt file included
+    assert pool.classes == ("unlabelled",) and set(pool.labels.tolist()) == {0}
+    plan = TrainPlan(4, 0, 1, crop=PRETRAIN)
+    images = batches_of(pool, range(1), plan)[0]
+    assert images.shape == (4, 3, S, S) and images.dtype == torch.uint8
+    with pytest.raises(UserError, match="must not see the test images"):
+        open_unlabelled(DATA, tree, tree)
 
 
 def test_batches_do_not_depend_on_workers_and_resume_at_any_step(tree: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from selfie.data.subsets import (
     load_indices,
     parse_amount,
     per_class_counts,
+    read_subset_file,
     save_indices,
     split_validation,
+    subset_label,
 )
 from selfie.errors import UserError
 
@@ -197,3 +200,64 @@ def test_load_indices_errors(tmp_path: Path) -> None:
     (tmp_path / "shape.json").write_text('{"a": [1, "x"]}')
     with pytest.raises(UserError, match="name"):
         load_indices(tmp_path / "shape.json")
+
+
+# --- subset files (--subset-file) -----------------------------------------------------------
+
+NAMES = ("ant/a1.JPEG", "ant/shared.JPEG", "bee/b1.JPEG", "bee/deep/b2.JPEG", "cat/shared.JPEG")
+
+
+def test_subset_file_matches_bare_names_and_relative_paths(tmp_path: Path) -> None:
+    """SimCLR's format (bare file names), paths relative to the split folder, blank lines and
+    a repeated name: the sorted positions of the files named, and the file's sha256."""
+    listed = tmp_path / "pick.txt"
+    listed.write_bytes(b"b2.JPEG\r\n\nant/a1.JPEG\n./cat/shared.JPEG\nb2.JPEG\n")
+    got = read_subset_file(listed, NAMES, "folder")
+    assert got.indices.tolist() == [0, 3, 4]
+    assert got.record == {
+        "path": str(listed),
+        "sha256": hashlib.sha256(listed.read_bytes()).hexdigest(),
+        "lines": 3,
+    }
+
+
+def test_subset_file_naming_missing_images_is_an_error_naming_the_first_few(
+    tmp_path: Path,
+) -> None:
+    listed = tmp_path / "pick.txt"
+    listed.write_text("a1.JPEG\n" + "".join(f"gone{i}.JPEG\n" for i in range(8)))
+    with pytest.raises(
+        UserError, match=r"8 of its 9 names .* \(first: gone0.JPEG, gone1.JPEG"
+    ) as e:
+        read_subset_file(listed, NAMES, "folder")
+    assert "gone4.JPEG" in str(e.value) and "gone5.JPEG" not in str(e.value)  # the first five
+    assert "\n" not in str(e.value)
+    listed.write_text("bee/a1.JPEG\n")  # a path must match as a whole
+    with pytest.raises(UserError, match=r"first: bee/a1\.JPEG"):
+        read_subset_file(listed, NAMES, "folder")
+
+
+def test_subset_file_ambiguous_bare_name_is_an_error(tmp_path: Path) -> None:
+    listed = tmp_path / "pick.txt"
+    listed.write_text("shared.JPEG\n")
+    with pytest.raises(UserError, match=r"shared.JPEG \(ant/shared.JPEG, cat/shared.JPEG\)"):
+        read_subset_file(listed, NAMES, "folder")
+    listed.write_text("cat/shared.JPEG\n")  # its path says which one
+    assert read_subset_file(listed, NAMES, "folder").indices.tolist() == [4]
+
+
+def test_subset_file_needs_file_names_and_a_readable_list(tmp_path: Path) -> None:
+    listed = tmp_path / "pick.txt"
+    listed.write_text("a1.JPEG\n")
+    with pytest.raises(UserError, match=r"the cifar10 data has no file names.*use --labels"):
+        read_subset_file(listed, None, "cifar10")
+    with pytest.raises(UserError, match="cannot read it"):
+        read_subset_file(tmp_path / "absent.txt", NAMES, "folder")
+    listed.write_text("\n \n")
+    with pytest.raises(UserError, match="names no images"):
+        read_subset_file(listed, NAMES, "folder")
+
+
+def test_subset_label_is_filesystem_safe() -> None:
+    assert subset_label("lists/1percent.txt") == "file-1percent.txt"
+    assert subset_label("my list (v2).txt") == "file-my_list__v2_.txt"

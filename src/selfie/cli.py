@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def _add_unlabelled_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--unlabelled-dir",
+        metavar="DIR",
+        help="pretrain on every image under DIR (any depth, no class folders needed) instead "
+        "of the dataset's training split; the pretext accuracy is still measured on the "
+        "dataset's test split, and finetuning reads --data-dir's labels",
+    )
+
+
 def _default_out(kind: str, preset: str) -> Path:
     return Path("runs") / f"{kind}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -138,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain P and A on images without labels")
     _add_config_args(p, preset_required=False)
+    _add_unlabelled_arg(p)
     _add_run_args(p)
 
     p = sub.add_parser(
@@ -147,12 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         "test split is read once, after training, for the reported test_acc.",
     )
     _add_config_args(p, preset_required=False)
-    p.add_argument(
+    labelled = p.add_mutually_exclusive_group()
+    labelled.add_argument(
         "--labels",
         metavar="AMOUNT",
         help="labelled images: a fraction of the training set (0.08, 8%%; 1.0 is every "
         "labelled image; balanced over the classes where they allow) or a whole number of "
         "images per class (400)",
+    )
+    labelled.add_argument(
+        "--subset-file",
+        metavar="FILE",
+        help="labelled images named in FILE, one a line: a file name (SimCLR's 1%% and 10%% "
+        "ImageNet lists) or a path relative to the training split's folder; image folders "
+        "and imagenet224 only",
     )
     init = p.add_mutually_exclusive_group()
     init.add_argument(
@@ -191,10 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument(
         "--labels",
-        required=True,
+        default="",
         metavar="A,B,...",
         help="labelled amounts, comma-separated: fractions (0.05,0.08,0.2,1.0) or images per "
         "class (10,25)",
+    )
+    p.add_argument(
+        "--subset-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="one more cell: the labelled images FILE names (see `selfie finetune -h`); "
+        "repeat for several files",
     )
     p.add_argument("--seeds", type=int, default=5, metavar="N", help="runs per cell (default 5)")
     p.add_argument(
@@ -202,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="choose each arm's peak LR from finetune.lr_grid by validation accuracy",
     )
+    p.add_argument(
+        "--tune-visible",
+        metavar="P,Q,...",
+        help="pretrain once per visible fraction p (the paper: 0.75,0.5) and give each cell's "
+        "pretrained arm the p of best validation accuracy on the 90/10 split",
+    )
+    _add_unlabelled_arg(p)
     p.add_argument("--pretrained", metavar="CKPT", help="reuse these weights; skip pretraining")
     p.add_argument(
         "--heads",
@@ -298,6 +332,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         download=args.download,
         progress=sys.stderr.isatty(),
         workers=args.workers,
+        unlabelled_dir=getattr(args, "unlabelled_dir", None),
     )
 
 
@@ -323,9 +358,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     config = _config(args, "finetune")
     spec = None
     if not args.resume:
-        if args.labels is None or not (args.init or args.scratch):
-            raise UserError("finetune needs --labels and one of --init CKPT or --scratch")
-        spec = FinetuneSpec(parse_amount(args.labels), args.head, args.init, args.validation)
+        if (args.labels is None and args.subset_file is None) or not (args.init or args.scratch):
+            raise UserError(
+                "finetune needs --labels or --subset-file, and one of --init CKPT or --scratch"
+            )
+        amount = None if args.labels is None else parse_amount(args.labels)
+        spec = FinetuneSpec(amount, args.head, args.init, args.validation, args.subset_file)
     if args.out is None:
         if args.resume:
             raise UserError("--resume needs --out DIR, the run to continue")
@@ -360,6 +398,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         heads=heads,
         tune=args.tune,
         pretrained=args.pretrained,
+        subset_files=tuple(args.subset_file),
+        tune_visible=_fractions(args.tune_visible, "--tune-visible"),
+        unlabelled_dir=args.unlabelled_dir,
     )
     out = args.out or _default_out("experiment", config.name)
     hint = shlex.join(["selfie", *args.argv, *([] if args.out else ["--out", str(out)])])
@@ -375,6 +416,23 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     cells = run_experiment(validate(config), plan, out, runtime)
     print(table_markdown(cells, heads[0], config.data.dataset))
     print(f"experiment folder: {out} (table.md, table.csv, figure.png, results.jsonl)")
+
+
+def _fractions(text: str | None, flag: str) -> tuple[float, ...]:
+    """ "0.75,0.5" -> (0.75, 0.5); None -> ()."""
+    if text is None:
+        return ()
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(
+            f"{flag} {text}: give fractions separated by commas, e.g. 0.75,0.5"
+        ) from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise UserError(
+            f"{flag} {text}: give fractions in (0, 1) separated by commas, e.g. 0.75,0.5"
+        )
+    return values
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -25,10 +25,12 @@ from selfie.config import Config
 from selfie.data.augment import normalize
 from selfie.data.crops import FINETUNE
 from selfie.data.sampler import step_generator
-from selfie.data.source import TrainPlan, open_source
+from selfie.data.source import BatchSource, TrainPlan, open_source
 from selfie.data.subsets import (
     balanced_subset,
+    class_counts,
     per_class_counts,
+    read_subset_file,
     save_indices,
     split_validation,
 )
@@ -48,10 +50,16 @@ EVAL_BATCH = 500  # images per forward pass when evaluating
 class FinetuneSpec:
     """What one finetuning run trains: which labels, which head, from which weights."""
 
-    labels: float | int  # a fraction of the training set, or images per class (see subsets)
+    # A fraction of the training set or images per class (see subsets); None with subset_file.
+    labels: float | int | None
     head: str = "resnet50"
     init: str | None = None  # pretrained weights (run folder, .safetensors or .pt); None: scratch
     validation: bool = False  # hold out finetune.val_fraction of the subset; report val_acc
+    subset_file: str | None = None  # the labelled images named in a file, instead of `labels`
+
+    def __post_init__(self) -> None:
+        if (self.labels is None) == (self.subset_file is None):
+            raise UserError("give one of --labels and --subset-file")
 
     @property
     def arm(self) -> str:
@@ -82,6 +90,29 @@ def evaluate(
     return correct / max(1, total)
 
 
+def _labelled_subset(
+    spec: FinetuneSpec, train: BatchSource, config: Config, stored: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+    """The labelled subset (sorted int64 (K,) positions in the training split), the count of
+    each class in it, and for a subset file its record (path, sha256); a resumed run's file
+    must be the one it started with."""
+    d = config.data
+    if spec.labels is not None:
+        subset = balanced_subset(
+            train.labels, spec.labels, d.num_classes, config.finetune.subset_seed
+        )
+        return subset, per_class_counts(train.labels, spec.labels, d.num_classes), None
+    assert spec.subset_file is not None
+    listed = read_subset_file(spec.subset_file, train.names, d.dataset)
+    before = stored.get("subset_file")
+    if before is not None and before["sha256"] != listed.record["sha256"]:
+        raise UserError(
+            f"--resume: {spec.subset_file} changed since the run started (sha256 "
+            f"{before['sha256'][:12]}..., now {listed.record['sha256'][:12]}...); restore it"
+        )
+    return listed.indices, class_counts(train.labels, listed.indices, d.num_classes), listed.record
+
+
 def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions) -> dict[str, Any]:
     """Train a classifier on the labelled subset; returns the summary (also in summary.json).
 
@@ -110,8 +141,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
             f"{d.num_classes}; add --set data.num_classes={len(train.classes)}"
         )
 
-    subset = balanced_subset(train.labels, spec.labels, d.num_classes, f.subset_seed)
-    per_class = per_class_counts(train.labels, spec.labels, d.num_classes)
+    subset, per_class, listed = _labelled_subset(spec, train, config, stored)
     train_idx, val_idx = (
         split_validation(train.labels, subset, f.val_fraction, f.subset_seed)
         if spec.validation
@@ -130,12 +160,13 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     distributed.seed_other_ranks(f.seed, info.rank)
     trained = distributed.prepare_model(model, info, sync_bn=opts.sync_bn, compile=opts.compile)
 
+    meta = {"subset_file": listed} if listed else {}
     run = open_run(
         config,
         opts,
-        {"finetune": asdict(spec)},
+        {"finetune": asdict(spec), **meta},
         on_open=lambda r: save_indices(
-            r.path / "subset.json", train=train_idx, val=val_idx, labelled_per_class=per_class
+            r.path / "subset.json", meta, train=train_idx, val=val_idx, labelled_per_class=per_class
         ),
     )
 
@@ -180,6 +211,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
             "lr": f.lr,
             "steps": f.steps,
             "labelled_per_class": per_class.tolist(),  # the subset's count of each class
+            **meta,  # the subset file's path and sha256
             "train_images": len(train_idx),
             "fraction": len(subset) / len(train),
             "final_loss": last.get("loss"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from selfie.config import Config
 from selfie.data.augment import normalize
 from selfie.data.crops import PRETRAIN
 from selfie.data.sampler import step_generator
-from selfie.data.source import BatchSource, TrainBatches, TrainPlan, open_source
+from selfie.data.source import BatchSource, TrainBatches, TrainPlan, open_source, open_unlabelled
 from selfie.device import autocast, check_precision, place
 from selfie.engine import StepResult, train_recipe
 from selfie.errors import UserError
@@ -122,29 +123,49 @@ def pretext_accuracy(
     return correct / max(total, 1)
 
 
+def _unlabelled_dir(opts: RunOptions, stored: dict[str, Any]) -> str | None:
+    """--unlabelled-dir, or on resume the run's own (a different one is refused)."""
+    if not opts.resume:
+        return opts.unlabelled_dir
+    own = stored.get("unlabelled_dir")
+    if opts.unlabelled_dir is not None and opts.unlabelled_dir != own:
+        pool = own or "the dataset's training split"
+        raise UserError(
+            f"--resume: the run pretrains on {pool}, not on "
+            f"--unlabelled-dir {opts.unlabelled_dir}; drop --unlabelled-dir to continue it"
+        )
+    return own
+
+
 def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     """Pretrain P and A on the training images (labels unused); returns the summary (on every
     rank under torchrun)."""
-    config, _ = resolve_config(config, opts)
+    config, stored = resolve_config(config, opts)
+    unlabelled = _unlabelled_dir(opts, stored)
     info = distributed.init_from_env(opts.device)
     device = info.device
     check_precision(device, opts.bf16, opts.fp16)
     distributed.check_sync_bn(device, opts.sync_bn)
     d, p = config.data, config.pretrain
     distributed.split_batch(p.batch_size, info.world_size, opts.accum)
-    # Rank 0 first: it alone downloads; the others then find the files.
+    # Rank 0 first: it alone downloads; the others then find the files. The held-out pretext
+    # accuracy is measured on the labelled dataset's test split, also with --unlabelled-dir.
     train, heldout = distributed.main_first(
         lambda: (
-            open_source(d, "train", opts.data_dir, download=opts.download, workers=opts.workers),
-            open_source(d, "test", opts.data_dir, workers=opts.workers),
+            open_unlabelled(d, unlabelled, opts.data_dir, workers=opts.workers)
+            if unlabelled is not None
+            else open_source(
+                d, "train", opts.data_dir, download=opts.download, workers=opts.workers
+            ),
+            open_source(d, "test", opts.data_dir, download=opts.download, workers=opts.workers),
         )
     )
     if p.batch_size > len(train):
+        what = "unlabelled" if unlabelled is not None else "training"
         raise UserError(
-            f"batch size {p.batch_size} exceeds the {len(train)} training images; "
-            "lower --batch-size"
+            f"batch size {p.batch_size} exceeds the {len(train)} {what} images; lower --batch-size"
         )
-    run = open_run(config, opts)
+    run = open_run(config, replace(opts, unlabelled_dir=unlabelled))
     if info.is_main:
         log.info("config: %s", json.dumps(config.to_dict()))
 
@@ -185,7 +206,8 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
             "kind": "pretrain",
             "preset": config.name,
             "steps": p.steps,
-            "train_images": len(train),
+            "train_images": len(train),  # the unlabelled images pretrained on
+            "unlabelled_dir": unlabelled,  # None: the training split of the dataset
             "masked_per_image": n - n_vis,
             "chance_pretext_acc": 1.0 / (n - n_vis),
             "final_loss": last.get("loss"),

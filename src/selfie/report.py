@@ -1,7 +1,9 @@
 """The paper's Table 1, Table 2 and Figure 4 from finetuning results (SPEC 5-6).
 
 A result row is one finetuning run: {"head", "labels", "fraction", "arm", "seed", "test_acc"}
-plus optional "lr", "val_acc", "run". Rows are grouped into one `Cell` per (head, labels):
+plus optional "lr", "val_acc", "run", "visible" (the pretrained arm's p, when it was tuned),
+"labelled_images" and "unlabelled_images" (those its weights were pretrained on; 0 from
+scratch). Rows are grouped into one `Cell` per (head, labels):
 the test accuracies of the scratch and pretrained arms, in percent, with the statistics the
 paper reports (mean ± sample std over seeds) and two it only implies (the std ratio behind
 "std 3x lower", and Welch's t-test for whether the difference is more than seed noise).
@@ -119,6 +121,19 @@ class Cell:
     fraction: float
     scratch: list[float]
     pretrained: list[float]
+    labelled_images: int | None = None  # the subset's size
+    unlabelled_images: int | None = None  # the pretrained arm's pretraining images
+    visible: tuple[float, ...] = ()  # the pretrained arm's p, when it was tuned
+
+    @property
+    def images(self) -> str:
+        """ "50,000 / 2,500 (20x)": unlabelled / labelled images and their ratio."""
+        if self.labelled_images is None:
+            return DASH
+        if self.unlabelled_images is None:
+            return f"? / {self.labelled_images:,}"
+        ratio = self.unlabelled_images / max(1, self.labelled_images)
+        return f"{self.unlabelled_images:,} / {self.labelled_images:,} ({ratio:.3g}x)"
 
     @property
     def scratch_mean(self) -> float:
@@ -180,8 +195,23 @@ def summarize(rows: Iterable[dict]) -> list[Cell]:
     for (head, labels, arm, _seed), row in latest.items():
         group = groups.setdefault((head, labels), {"fraction": float(row["fraction"])})
         group.setdefault(arm, []).append(100.0 * float(row["test_acc"]))
+        if row.get("labelled_images") is not None:
+            group["labelled_images"] = int(row["labelled_images"])
+        if arm == "pretrained" and row.get("unlabelled_images") is not None:
+            group["unlabelled_images"] = int(row["unlabelled_images"])
+        if arm == "pretrained" and row.get("visible") is not None:
+            group.setdefault("visible", set()).add(float(row["visible"]))
     cells = [
-        Cell(head, labels, g["fraction"], g.get("scratch", []), g.get("pretrained", []))
+        Cell(
+            head,
+            labels,
+            g["fraction"],
+            g.get("scratch", []),
+            g.get("pretrained", []),
+            g.get("labelled_images"),
+            g.get("unlabelled_images"),
+            tuple(sorted(g.get("visible", ()), reverse=True)),
+        )
         for (head, labels), g in groups.items()
     ]
     return sorted(cells, key=lambda c: (_head_key(c.head), c.fraction, c.labels))
@@ -216,19 +246,21 @@ def _percent(fraction: float) -> str:
 
 
 def _amount(labels: str) -> str:
-    """A run's labels name as a reader writes it: "frac0.05" -> "5%", "25pc" -> "25/class"."""
+    """A run's labels name as a reader writes it: "frac0.05" -> "5%", "25pc" -> "25/class",
+    "file-1percent.txt" (a subset file's cell) -> "1percent.txt"."""
     if labels.startswith("frac"):
         return _percent(float(labels[4:]))
+    if labels.startswith("file-"):
+        return labels[5:]
     return f"{labels[:-2]}/class" if labels.endswith("pc") else labels
 
 
 def _labelled(cell: Cell) -> str:
-    """ "8%" for a fraction; "400/class (8%)" for a per-class count."""
+    """ "8%" for a fraction; "400/class (8%)" for a per-class count; "1percent.txt (1.28%)"
+    for a subset file."""
     if cell.labels.startswith("frac"):
         return _percent(cell.fraction)
-    if cell.labels.endswith("pc"):
-        return f"{cell.labels[:-2]}/class ({_percent(cell.fraction)})"
-    return cell.labels
+    return f"{_amount(cell.labels)} ({_percent(cell.fraction)})"
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -253,8 +285,12 @@ def table_markdown(cells: list[Cell], head: str = "resnet50", dataset: str | Non
     dataset of one of the paper's rows, the whole-ResNet table also shows the paper's numbers."""
     mine = [c for c in cells if c.head == head]
     paper = head == "resnet50" and any(paper_cell(dataset, c.fraction) for c in mine)
+    images = any(c.labelled_images is not None for c in mine)
+    tuned_p = any(c.visible for c in mine)
     header = ["labelled", "n", ARM_NAMES["scratch"], ARM_NAMES["pretrained"]]
     header += ["difference", "std ratio", "Welch p"]
+    header += ["images: unlabelled / labelled"] if images else []
+    header += ["p (chosen)"] if tuned_p else []
     if paper:
         header += ["paper: supervised", "paper: Selfie"]
     rows = []
@@ -268,6 +304,8 @@ def table_markdown(cells: list[Cell], head: str = "resnet50", dataset: str | Non
             _ratio(c.std_ratio),
             _p(c.p_value),
         ]
+        row += [c.images] if images else []
+        row += [", ".join(f"{p:g}" for p in c.visible) or DASH] if tuned_p else []
         if paper:
             ref = paper_cell(dataset, c.fraction)
             row += [_mean_std(*arm) for arm in ref] if ref else [DASH, DASH]
@@ -276,21 +314,29 @@ def table_markdown(cells: list[Cell], head: str = "resnet50", dataset: str | Non
 
 
 def tuning_markdown(rows: list[dict]) -> str:
-    """Validation accuracy (%) of each tuning run: one row per (head, labels, arm), one
-    column per peak LR; the chosen LR (best, ties to the smaller) in bold."""
+    """Validation accuracy (%) of each tuning run: one row per (head, labels, arm) and, where
+    the visible fraction p was tuned, per p; one column per peak LR. The chosen setting of
+    each (head, labels, arm) in bold: the best, ties to the p tuned first, then the smaller LR
+    (experiment.py's rule)."""
     lrs = sorted({float(r["lr"]) for r in rows})
-    groups: dict[tuple[str, str, str], dict[float, float]] = {}
+    ps = list(dict.fromkeys(r.get("visible") for r in rows))  # in the order they were tuned
+    tuned_p = any(p is not None for p in ps)
+    groups: dict[tuple[str, str, str], dict[tuple[Any, float], float]] = {}
     for r in rows:
-        groups.setdefault((r["head"], r["labels"], r["arm"]), {})[float(r["lr"])] = r["val_acc"]
-    header = ["head", "labelled", "arm"] + [f"LR {lr:g}" for lr in lrs]
+        key = (r["head"], r["labels"], r["arm"])
+        groups.setdefault(key, {})[(r.get("visible"), float(r["lr"]))] = r["val_acc"]
+    header = ["head", "labelled", "arm", *(["p"] if tuned_p else [])]
+    header += [f"LR {lr:g}" for lr in lrs]
     table = []
     for (head, labels, arm), scores in sorted(groups.items(), key=lambda kv: _group_key(kv[0])):
-        best = max(scores, key=lambda lr: (scores[lr], -lr))
-        cells = []
-        for lr in lrs:
-            text = f"{100 * scores[lr]:.1f}" if lr in scores else DASH
-            cells.append(f"**{text}**" if lr == best else text)
-        table.append([head, _amount(labels), arm, *cells])
+        best = max(scores, key=lambda k: (scores[k], -ps.index(k[0]), -k[1]))
+        for p in [q for q in ps if any(k[0] == q for k in scores)]:
+            cells = []
+            for lr in lrs:
+                text = f"{100 * scores[(p, lr)]:.1f}" if (p, lr) in scores else DASH
+                cells.append(f"**{text}**" if (p, lr) == best else text)
+            shown_p = ([DASH if p is None else f"{p:g}"]) if tuned_p else []
+            table.append([head, _amount(labels), arm, *shown_p, *cells])
     return _markdown(header, table)
 
 
@@ -312,11 +358,15 @@ CSV_COLUMNS = [
     "difference",
     "std_ratio",
     "p_value",
+    "labelled_images",
+    "unlabelled_images",
+    "visible",
 ]
 
 
 def table_csv(cells: list[Cell]) -> str:
-    """Every cell of every head, unrounded; undefined statistics are written as nan."""
+    """Every cell of every head, unrounded; undefined statistics are written as nan, unknown
+    image counts as empty fields."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -324,6 +374,7 @@ def table_csv(cells: list[Cell]) -> str:
         values = [c.head, c.labels, c.fraction, len(c.scratch), len(c.pretrained)]
         values += [c.scratch_mean, c.scratch_std, c.pretrained_mean, c.pretrained_std]
         values += [c.difference, c.std_ratio, c.p_value]
+        values += [c.labelled_images, c.unlabelled_images, " ".join(f"{p:g}" for p in c.visible)]
         writer.writerow([repr(v) if isinstance(v, float) else v for v in values])
     return out.getvalue()
 
@@ -403,7 +454,8 @@ def _table_md(cells: list[Cell], dataset: str | None, tuning: list[dict]) -> str
     if all(h in heads for h in HEAD_ORDER):
         parts += ["## Table 2: pretrained heads compared\n", table2_markdown(cells)]
     if tuning:
-        parts += ["## Peak-LR tuning: validation accuracy (%) on the 90/10 split\n"]
+        what = "Peak-LR and p" if any("visible" in r for r in tuning) else "Peak-LR"
+        parts += [f"## {what} tuning: validation accuracy (%) on the 90/10 split\n"]
         parts += [tuning_markdown(tuning)]
     return "\n".join(parts)
 

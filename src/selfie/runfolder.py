@@ -177,6 +177,9 @@ class RunOptions:
     download: bool = False
     progress: bool = True
     workers: int | None = None  # decoding processes of a streamed dataset; None: CPUs, <= 8
+    # Pretraining's images when they live apart from the labelled ones (--unlabelled-dir);
+    # recorded in config.json, and read back from it by a resume.
+    unlabelled_dir: str | None = None
     # The command that continues this run, quoted when it is interrupted; None: the
     # `selfie <kind> --resume` line resume_command builds. The experiment runner sets its own.
     resume_hint: str | None = None
@@ -257,7 +260,8 @@ def open_run(
                 "workers": opts.workers,
                 "world_size": distributed.world_size(),
             }
-            run.write_config(config.to_dict(), {**how, "data_dir": opts.data_dir, **(extra or {})})
+            data = {"data_dir": opts.data_dir, "unlabelled_dir": opts.unlabelled_dir}
+            run.write_config(config.to_dict(), {**how, **data, **(extra or {})})
         if on_open is not None:
             on_open(run)
         return run

@@ -31,12 +31,15 @@ class ImageSet:
     """A labelled image split held in memory.
 
     images: uint8 (N, 3, H, W), CPU, contiguous. labels: int64 (N,), values in
-    0..len(classes)-1. classes: class names, index = label.
+    0..len(classes)-1. classes: class names, index = label. names: each image's file, as a
+    "/"-joined path relative to its split folder, for datasets read from files (None for the
+    others): what `--subset-file` lists are matched against.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Catch loader bugs here, at construction, rather than as a shape error deep in training.
@@ -51,6 +54,8 @@ class ImageSet:
             )
         if len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.names)} names")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -6,6 +6,7 @@ Files. Every file under the folder, at any depth, whose name ends in .png .jpg .
 .gif or .webp (any case). Names starting with "." (files and folders) are skipped, other
 files are ignored, and symlinked folders are not followed. Files are taken in sorted order
 of their path relative to the split folder, so the same folder always gives the same order.
+The list of a large tree is saved and reused while the tree is unchanged (selfie.data.filelist).
 
 Splits. If the folder has a `train/` sub-folder, that is the training split and `test/` (or,
 failing that, `val/`) is the test split. Without `train/`, the whole folder is scanned (a
@@ -20,6 +21,9 @@ names of those sub-folders are the classes, and an image at any depth below take
 of its first-level folder. Otherwise the split is unlabelled: one class "unlabelled", label 0
 (if class folders exist beside loose images, a warning says their labels were dropped).
 Test labels are looked up by name among the training split's classes.
+
+Unlabelled folders (`--unlabelled-dir`, `load_unlabelled`): every image at any depth, with
+no split and no labels (one class "unlabelled"), decoded by the same rules.
 
 Pixels. The first frame of each file is decoded with Pillow, turned upright by its EXIF
 orientation, converted to RGB (palette via RGBA or RGB; greyscale repeated; CMYK by Pillow's
@@ -55,11 +59,11 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from selfie.data import ImageSet
+from selfie.data.filelist import EXTENSIONS, list_images
 from selfie.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_PIXELS = 64_000_000  # 64 megapixels: an 8000x8000 photo passes, a bomb does not
 HOLD_OUT_EVERY = 10  # without a test folder, every 10th image of each class is a test image
 UNLABELLED = "unlabelled"
@@ -79,6 +83,22 @@ class FolderLayout:
     held_out: bool  # True when the test split was held out of the training images
     ignored: int  # files that are not images by their extension
     notes: tuple[str, ...] = ()  # layout warnings, e.g. labels dropped
+    # split -> its files as names() gives them, when the scan has them at hand
+    relative: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def split_root(self, split: str) -> Path:
+        """The folder the files of `split` lie under (their names are relative to it): test/
+        or val/ for a test split of its own, else the training folder."""
+        train = self.root / "train" if self.split_folders else self.root
+        own = None if split == "train" or self.held_out else own_test_folder(self.root)
+        return own or train
+
+    def names(self, split: str) -> list[str]:
+        """The files of `split` as "/"-joined paths relative to split_root(split)."""
+        if split in self.relative:
+            return self.relative[split]
+        root = self.split_root(split)
+        return [p.relative_to(root).as_posix() for p, _ in self.files[split]]
 
 
 @dataclass
@@ -91,26 +111,10 @@ class Decoded:
     errors: list[tuple[Path, str]] = field(default_factory=list)  # (file, why) for bad ones
 
 
-def _find_images(folder: Path) -> tuple[list[Path], int]:
-    """Image files under `folder` sorted by relative path, and the count of other files."""
-    found, ignored = [], 0
-    for here, dirs, files in os.walk(folder):  # followlinks=False: no symlink loops
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(EXTENSIONS):
-                found.append(Path(here) / name)
-            else:
-                ignored += 1
-    # Sort by path components, so "a/b.png" comes before "a-b.png" the way folders list.
-    found.sort(key=lambda p: p.relative_to(folder).parts)
-    return found, ignored
-
-
-def _class_names(folder: Path, paths: list[Path], notes: list[str]) -> list[str]:
-    """Each image's class: its first-level sub-folder, or UNLABELLED if any image is loose."""
-    rel = [p.relative_to(folder).parts for p in paths]
+def _class_names(folder: Path, rels: list[str], notes: list[str]) -> list[str]:
+    """Each image's class (`rels`: paths relative to `folder`): its first-level sub-folder, or
+    UNLABELLED if any image is loose."""
+    rel = [r.split("/", 1) for r in rels]
     loose = sum(len(parts) == 1 for parts in rel)
     if loose == 0:
         return [parts[0] for parts in rel]
@@ -123,6 +127,11 @@ def _class_names(folder: Path, paths: list[Path], notes: list[str]) -> list[str]
     return [UNLABELLED] * len(rel)
 
 
+def own_test_folder(root: Path) -> Path | None:
+    """root/test, or failing that root/val: the test split's own folder, if there is one."""
+    return next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+
+
 def scan_folder(root: str | Path) -> FolderLayout:
     """Find the images, the splits and the labels under `root`, without decoding anything."""
     root = Path(root)
@@ -132,7 +141,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
             f"folder of images ({' '.join(EXTENSIONS)}), with one sub-folder per class for labels"
         )
     train_dir = root / "train"
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    test_dir = own_test_folder(root)
     split_folders = train_dir.is_dir()
     if not split_folders and test_dir is not None:
         raise UserError(
@@ -140,22 +149,24 @@ def scan_folder(root: str | Path) -> FolderLayout:
             f"or move {test_dir.name}/ out if it is meant to be a class"
         )
     source = train_dir if split_folders else root
-    paths, ignored = _find_images(source)
+    rels, ignored = list_images(source)
+    paths = [source / r for r in rels]
     if not paths:
         raise UserError(
             f"no images found under {source} (looked for {' '.join(EXTENSIONS)} at any depth); "
             "point --data-dir at the folder that holds them"
         )
     notes: list[str] = []
-    names = _class_names(source, paths, notes)
+    names = _class_names(source, rels, notes)
     classes = tuple(sorted(set(names)))
     index = {c: i for i, c in enumerate(classes)}
     train = [(p, index[n]) for p, n in zip(paths, names, strict=True)]
 
     if split_folders and test_dir is not None:
-        test_paths, test_ignored = _find_images(test_dir)
+        test_rels, test_ignored = list_images(test_dir)
+        test_paths = [test_dir / r for r in test_rels]
         ignored += test_ignored
-        test_names = _class_names(test_dir, test_paths, notes)
+        test_names = _class_names(test_dir, test_rels, notes)
         if classes == (UNLABELLED,):
             test_names = [UNLABELLED] * len(test_paths)  # no labels to match: all class 0
         unknown = sorted(set(test_names) - set(classes))
@@ -170,6 +181,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
                 f"class folder of {train_dir}; give both splits the same class sub-folders"
             )
         test = [(p, index[n]) for p, n in zip(test_paths, test_names, strict=True)]
+        relative = {"train": rels, "test": test_rels}
     else:
         # Hold out every HOLD_OUT_EVERY-th file of each class, counted in sorted order.
         seen = [0] * len(classes)
@@ -179,6 +191,10 @@ def scan_folder(root: str | Path) -> FolderLayout:
             test_flags.append(seen[label] % HOLD_OUT_EVERY == 0)
         test = [item for item, t in zip(train, test_flags, strict=True) if t]
         train = [item for item, t in zip(train, test_flags, strict=True) if not t]
+        relative = {
+            "train": [r for r, t in zip(rels, test_flags, strict=True) if not t],
+            "test": [r for r, t in zip(rels, test_flags, strict=True) if t],
+        }
     return FolderLayout(
         root=root,
         classes=classes,
@@ -187,6 +203,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
         held_out=test_dir is None,
         ignored=ignored,
         notes=tuple(notes),
+        relative=relative,
     )
 
 
@@ -384,6 +401,48 @@ def load_folder(
             f"{HOLD_OUT_EVERY} images to hold out one in {HOLD_OUT_EVERY}; add a test/ folder "
             "beside train/ with the same class sub-folders"
         )
+    root, names = layout.split_root(split), layout.names(split)
+    return _decode_split(files, layout.classes, image_size, root, split, workers, names)
+
+
+def unlabelled_names(root: str | Path) -> list[str]:
+    """Every image file under `root`, at any depth, in sorted order (`--unlabelled-dir`), as
+    "/"-joined paths relative to it: class folders, train/ and test/ folders are not told
+    apart, their images all count."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"--unlabelled-dir {root} does not exist or is not a folder; point it at a folder "
+            f"of images ({' '.join(EXTENSIONS)}, found at any depth)"
+        )
+    names, _ = list_images(root)
+    if not names:
+        raise UserError(
+            f"no images found under {root} (looked for {' '.join(EXTENSIONS)} at any depth); "
+            "point --unlabelled-dir at the folder that holds them"
+        )
+    return names
+
+
+def load_unlabelled(root: str | Path, image_size: int, *, workers: int | None = None) -> ImageSet:
+    """Every image under `root` (`unlabelled_names`), decoded as `load_folder` decodes, as
+    one class UNLABELLED."""
+    names = unlabelled_names(root)
+    files = [(Path(root) / n, 0) for n in names]
+    return _decode_split(files, (UNLABELLED,), image_size, Path(root), "unlabelled", workers, names)
+
+
+def _decode_split(
+    files: list[tuple[Path, int]],
+    classes: tuple[str, ...],
+    image_size: int,
+    split_root: Path,
+    split: str,
+    workers: int | None,
+    names: list[str],
+) -> ImageSet:
+    """Decode `files` ((path, label), under split_root, there called `names`) into an
+    ImageSet, skipping (and naming, in one warning) the files that do not decode."""
     t0 = time.perf_counter()
     paths = [p for p, _ in files]
     decoded = decode_images(paths, image_size, workers)
@@ -392,22 +451,23 @@ def load_folder(
             "skipped %d of %d image files in %s that did not decode: %s",
             len(decoded.errors),
             len(paths),
-            layout.root,
-            describe_errors(decoded.errors, layout.root),
+            split_root,
+            describe_errors(decoded.errors, split_root),
         )
     if not decoded.ok.any():
         raise UserError(
-            f"none of the {len(paths)} image files of the {split} split under {layout.root} "
-            f"decoded (first: {describe_errors(decoded.errors, layout.root, 1)}); check that "
+            f"none of the {len(paths)} image files of the {split} split under {split_root} "
+            f"decoded (first: {describe_errors(decoded.errors, split_root, 1)}); check that "
             "they are images Pillow can read"
         )
     labels = np.array([label for _, label in files], dtype=np.int64)[decoded.ok]  # (N,)
+    kept = tuple(name for name, ok in zip(names, decoded.ok, strict=True) if ok)
     log.info(
         "%s %s split: %d images, %d classes, %dx%d, decoded in %.1f s",
-        layout.root,
+        split_root,
         split,
         len(labels),
-        len(layout.classes),
+        len(classes),
         image_size,
         image_size,
         time.perf_counter() - t0,
@@ -415,7 +475,8 @@ def load_folder(
     return ImageSet(
         images=torch.from_numpy(decoded.images),
         labels=torch.from_numpy(labels),
-        classes=layout.classes,
+        classes=classes,
+        names=kept,
     )
 
 
@@ -427,8 +488,11 @@ __all__ = [
     "TooManyPixels",
     "decode_images",
     "load_folder",
+    "load_unlabelled",
     "open_image",
+    "own_test_folder",
     "scan_folder",
+    "unlabelled_names",
     "upright_rgb",
     "upright_size",
 ]

@@ -18,7 +18,7 @@ as uint8 (R, C, S, S) images and int64 (R,) labels on the device. Evaluation goe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +33,8 @@ from selfie.data.sampler import EpochSampler
 from selfie.errors import UserError
 
 log = logging.getLogger(__name__)
+
+NAMED_DATASETS = ("folder", *STREAMED_DATASETS)  # read from files: images have names
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (R, C, S, S) and int64 (R,), on the device
 
@@ -66,6 +68,12 @@ class BatchSource(Protocol):
     labels: torch.Tensor  # int64 (N,), CPU: every image's label (subsets are drawn from them)
 
     def __len__(self) -> int: ...
+
+    @property
+    def names(self) -> Sequence[str] | None:
+        """Each image's file as a "/"-joined path relative to the split folder, for datasets
+        read from files (folder, imagenet224); None for the others."""
+        ...
 
     @property
     def mean(self) -> torch.Tensor:
@@ -102,6 +110,10 @@ class MemorySource:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    @property
+    def names(self) -> Sequence[str] | None:
+        return self.data.names
 
     @cached_property
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,4 +201,72 @@ def open_source(
     return MemorySource(images, data.pad, data.flip)
 
 
-__all__ = ["BatchSource", "MemorySource", "TrainBatches", "TrainPlan", "open_source"]
+def train_names(data: DataConfig, data_dir: str | Path | None) -> list[str] | None:
+    """The training split's file names (BatchSource.names) from the folder's listing alone,
+    before anything is decoded; None for datasets without file names."""
+    if data.dataset not in NAMED_DATASETS:
+        return None
+    if data_dir is None:
+        raise UserError(f"dataset {data.dataset!r} needs --data-dir DIR, the folder of images")
+    from selfie.data.folder import scan_folder
+
+    return scan_folder(data_dir).names("train")
+
+
+def open_unlabelled(
+    data: DataConfig,
+    unlabelled_dir: str | Path,
+    data_dir: str | Path | None,
+    *,
+    workers: int | None = None,
+) -> BatchSource:
+    """Every image under `unlabelled_dir`, at any depth and without labels (`--unlabelled-dir`),
+    as a training split for pretraining: streamed as data.dataset's files are (imagenet224,
+    pretraining's crop) or decoded whole as image folders are (centre square at image_size),
+    then augmented with data.pad and data.flip. Refused when the folder holds the test split
+    of the labelled image folder at `data_dir`: pretraining must not see the test images."""
+    from selfie.data import folder
+
+    if data.dataset in NAMED_DATASETS and data_dir is not None:
+        _refuse_test_images(Path(unlabelled_dir), Path(data_dir))
+    if data.dataset in STREAMED_DATASETS:
+        from selfie.data.stream import open_unlabelled_stream
+
+        return open_unlabelled_stream(
+            unlabelled_dir, data.image_size, flip=data.flip, workers=workers
+        )
+    if workers is not None:
+        log.warning("--workers %d: unlabelled images are held in memory, not streamed", workers)
+    images = folder.load_unlabelled(unlabelled_dir, data.image_size)
+    return MemorySource(images, data.pad, data.flip)
+
+
+def _refuse_test_images(unlabelled: Path, data_dir: Path) -> None:
+    """The test images of the image folder at data_dir lie in its test/ (or val/) folder, or
+    among its training images when held out of them (selfie.data.folder's rules)."""
+    from selfie.data.folder import own_test_folder
+
+    if not unlabelled.is_dir() or not data_dir.is_dir():
+        return  # the loaders say what is missing
+    train = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    own = own_test_folder(data_dir) if train != data_dir else None
+    test = (own or train).resolve()
+    pool = unlabelled.resolve()
+    if pool == test or pool in test.parents or test in pool.parents:
+        where = f"its test images ({test})" if own else f"the test images held out of {test}"
+        raise UserError(
+            f"--unlabelled-dir {unlabelled} overlaps {where}, and pretraining must not see the "
+            "test images; point it at a folder without them (e.g. the train/ folder, or a "
+            "separate pool)"
+        )
+
+
+__all__ = [
+    "BatchSource",
+    "MemorySource",
+    "TrainBatches",
+    "TrainPlan",
+    "open_source",
+    "open_unlabelled",
+    "train_names",
+]

@@ -70,9 +70,19 @@ class FileImages(Dataset):
     they touch each string's reference count (a 1.28M-file list would be copied per worker).
     """
 
-    def __init__(self, root: Path, files: Sequence[tuple[Path, int]], size: int, flip: bool):
+    def __init__(
+        self,
+        root: Path,
+        files: Sequence[tuple[Path, int]],
+        size: int,
+        flip: bool,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        """names: the files relative to root, "/"-joined, if the caller has them (cheaper)."""
         self.root = str(root)
-        self.paths = np.array([str(p.relative_to(root)).encode() for p, _ in files], dtype=bytes)
+        if names is None:
+            names = [p.relative_to(root).as_posix() for p, _ in files]
+        self.paths = np.array([n.encode() for n in names], dtype=bytes)
         self.labels = np.array([label for _, label in files], dtype=np.int64)  # (N,)
         self.size, self.flip = size, flip
         self.max_pixels = folder.MAX_PIXELS  # read now: workers get the value, not the global
@@ -217,14 +227,19 @@ class StreamSource:
         image_size: int,
         flip: bool,
         workers: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
-        self.images = FileImages(root, files, image_size, flip)
+        self.images = FileImages(root, files, image_size, flip, names)
         self.classes = classes
         self.labels = torch.from_numpy(self.images.labels)
         self.workers = default_loader_workers() if workers is None else workers
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.decode() for p in self.images.paths]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -302,7 +317,7 @@ def open_stream(
     files = layout.files[split]
     if not files:
         raise UserError(f"{layout.root} has no {split} images; add val/ beside train/")
-    root = layout.root / "train" if split == "train" else _test_root(layout)
+    root = layout.split_root(split)
     log.info(
         "%s %s split: %d image files, %d classes, decoded as they are needed",
         layout.root,
@@ -310,13 +325,18 @@ def open_stream(
         len(files),
         len(layout.classes),
     )
-    return StreamSource(root, files, layout.classes, image_size, flip, workers)
+    names = layout.names(split)
+    return StreamSource(root, files, layout.classes, image_size, flip, workers, names)
 
 
-def _test_root(layout: folder.FolderLayout) -> Path:
-    if layout.held_out:  # every 10th training image (folder's rule)
-        return layout.root / "train"
-    return next(layout.root / n for n in ("test", "val") if (layout.root / n).is_dir())
+def open_unlabelled_stream(
+    root: str | Path, image_size: int, *, flip: bool, workers: int | None = None
+) -> StreamSource:
+    """Every image under `root`, at any depth (`--unlabelled-dir`), as one unlabelled split."""
+    names = folder.unlabelled_names(root)
+    files = [(Path(root) / n, 0) for n in names]
+    log.info("%s: %d unlabelled image files, decoded as they are needed", root, len(files))
+    return StreamSource(Path(root), files, (folder.UNLABELLED,), image_size, flip, workers, names)
 
 
 __all__ = [
@@ -327,4 +347,5 @@ __all__ = [
     "StreamSource",
     "default_loader_workers",
     "open_stream",
+    "open_unlabelled_stream",
 ]

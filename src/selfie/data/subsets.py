@@ -11,10 +11,15 @@ subset saved with the results can be compared by eye and reloaded exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +29,7 @@ from selfie.errors import UserError
 # Random streams of derive_seed(seed, stream): 1 is the epoch order (sampler.py).
 SUBSET_STREAM = 3
 VALIDATION_STREAM = 4
+SHOWN = 5  # names quoted in a subset file's error
 
 _COUNT = re.compile(r"\d+")
 _FRACTION = re.compile(r"\d*\.\d+|\d+\.\d*")
@@ -58,6 +64,11 @@ def amount_label(amount: float | int) -> str:
     if isinstance(amount, int):
         return f"{amount}pc"
     return f"frac{amount:.10g}"
+
+
+def subset_label(path: str | Path) -> str:
+    """A filesystem-safe cell name: "lists/1percent.txt" -> "file-1percent.txt"."""
+    return "file-" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name)
 
 
 def _class_sizes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -176,11 +187,88 @@ def _held_out_counts(sizes: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.where(present, held, torch.zeros_like(held))
 
 
-def save_indices(path: Path, **arrays: torch.Tensor) -> None:
-    """Write {name: [int, ...]} as JSON, one list per line; atomic, like runfolder.write_json."""
+@dataclass(frozen=True)
+class FileSubset:
+    """The labelled images a subset file lists (`--subset-file`)."""
+
+    indices: torch.Tensor  # int64 (K,): sorted positions into the training split
+    record: dict[str, Any]  # {"path", "sha256", "lines"}: saved with the results
+
+
+def read_subset_file(path: str | Path, names: Sequence[str] | None, dataset: str) -> FileSubset:
+    """The training images a subset file names, one per line: a bare file name (the format of
+    the 1% and 10% ImageNet lists published with SimCLR, `n01440764_10026.JPEG`) or a path
+    relative to the split folder (`n01440764/n01440764_10026.JPEG`). Blank lines are skipped
+    and a name listed twice counts once. `names`: the split's files (BatchSource.names).
+
+    A name that matches no training file, or a bare name that matches several (the same file
+    name in two class folders), is an error naming the first few.
+    """
+    path = Path(path)
+    if names is None:
+        raise UserError(
+            f"--subset-file: the {dataset} data has no file names to match (only image folders "
+            "and imagenet224 do); use --labels"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--subset-file {path}: cannot read it ({e.strerror})") from None
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--subset-file {path} is not UTF-8 text, one file name a line") from None
+    wanted = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if not wanted:
+        raise UserError(f"--subset-file {path} names no images (one file name a line)")
+    by_path = {name: i for i, name in enumerate(names)}
+    by_name: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_name.setdefault(posixpath.basename(name), []).append(i)
+    chosen, missing, ambiguous = [], [], []
+    for entry in wanted:
+        if "/" in entry:
+            at = by_path.get(posixpath.normpath(entry))
+            found = [] if at is None else [at]
+        else:
+            found = by_name.get(entry, [])
+        if len(found) == 1:
+            chosen.append(found[0])
+        elif found:
+            ambiguous.append(f"{entry} ({', '.join(names[i] for i in found[:2])})")
+        else:
+            missing.append(entry)
+    if missing:
+        raise UserError(
+            f"--subset-file {path}: {len(missing)} of its {len(wanted)} names are not among the "
+            f"{len(names)} training images (first: {', '.join(missing[:SHOWN])}); names are "
+            "file names or paths relative to the training split's folder, and files that do "
+            "not decode are left out of it"
+        )
+    if ambiguous:
+        raise UserError(
+            f"--subset-file {path}: {len(ambiguous)} bare names match several training files "
+            f"(first: {'; '.join(ambiguous[:SHOWN])}); give their paths relative to the "
+            "training split's folder instead"
+        )
+    record = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "lines": len(wanted)}
+    return FileSubset(torch.sort(torch.tensor(chosen, dtype=torch.int64)).values, record)
+
+
+def class_counts(labels: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images of each class among `indices`, int64 (num_classes,)."""
+    return torch.bincount(labels[indices].long(), minlength=num_classes)
+
+
+def save_indices(path: Path, meta: dict[str, Any] | None = None, **arrays: torch.Tensor) -> None:
+    """Write {name: [int, ...]} as JSON, one list per line, after the entries of `meta` (any
+    JSON values); atomic, like runfolder.write_json."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"  {json.dumps(name)}: {json.dumps(t.long().tolist())}" for name, t in arrays.items()]
+    lines = [f"  {json.dumps(name)}: {json.dumps(value)}" for name, value in (meta or {}).items()]
+    lines += [
+        f"  {json.dumps(name)}: {json.dumps(t.long().tolist())}" for name, t in arrays.items()
+    ]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     os.replace(tmp, path)
@@ -195,8 +283,9 @@ def load_indices(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"index file {path} not found") from None
     except json.JSONDecodeError as e:
         raise UserError(f"index file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(v, list) and all(isinstance(i, int) for i in v) for v in data.values()
-    ):
+    if not isinstance(data, dict):
         raise UserError(f"index file {path} must hold {{name: [int, ...]}}")
-    return {name: torch.tensor(v, dtype=torch.int64) for name, v in data.items()}
+    lists = {k: v for k, v in data.items() if isinstance(v, list)}  # others: save_indices' meta
+    if not lists or not all(all(isinstance(i, int) for i in v) for v in lists.values()):
+        raise UserError(f"index file {path} must hold {{name: [int, ...]}}")
+    return {name: torch.tensor(v, dtype=torch.int64) for name, v in lists.items()}
