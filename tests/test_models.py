@@ -171,3 +171,40 @@ def test_backward_is_deterministic_with_two_threads():
         assert all(torch.equal(first[n], second[n]) for n in first)
     finally:
         torch.set_num_threads(before)
+
+
+ODD_BATCHES = """
+import torch
+from selfie.config import get_preset
+from selfie.models.resnet_v2 import ResNetV2
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = ResNetV2(get_preset("tiny").model, num_classes=10).to(memory_format=torch.channels_last)
+for batch in (3, 5, 7, 9, 17):
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        model(x).logsumexp(-1).mean().backward()
+print("trained")
+"""
+
+
+def test_odd_batches_train_without_crashing():
+    """Odd batches with 2 threads and channels_last train (in a child process, so a crash is
+    a failure, not the end of the test run). torch 2.13's oneDNN weight gradient of a
+    strided 1x1 convolution segfaults here on AVX-512 CPUs; the shortcut avoids it
+    (StridedPointwise), and equals the strided convolution it replaces."""
+    import subprocess
+    import sys
+
+    from selfie.models.resnet_v2 import StridedPointwise
+
+    done = subprocess.run([sys.executable, "-c", ODD_BATCHES], capture_output=True, text=True)
+    assert done.returncode == 0 and "trained" in done.stdout, (done.returncode, done.stderr)
+    torch.manual_seed(0)
+    ours = StridedPointwise(8, 16, 2)
+    plain = nn.Conv2d(8, 16, 1, 2, bias=False)
+    plain.load_state_dict(ours.state_dict())
+    for size in (8, 9):
+        x = torch.randn(2, 8, size, size)
+        torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=1e-6)

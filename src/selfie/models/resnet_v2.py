@@ -16,6 +16,23 @@ from torch import nn
 from selfie.config import ModelConfig
 
 
+class StridedPointwise(nn.Conv2d):
+    """A bias-free 1x1 convolution with stride s, computed as the 1x1 convolution of every
+    s-th pixel: the same function, weights and state-dict keys as nn.Conv2d(in, out, 1, s).
+
+    Written so because torch 2.13's oneDNN kernels crash (a segfault or "double free" in the
+    weight gradient) on a strided 1x1 convolution of channels_last input with an odd batch,
+    two or more threads and AVX-512, e.g. 8 -> 8 channels at batch 3
+    (tests/test_models.py::test_odd_batches_train_without_crashing)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__(in_ch, out_ch, 1, bias=False)
+        self.step = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, :: self.step, :: self.step] if self.step > 1 else x)
+
+
 class PreActUnit(nn.Module):
     """The part both unit types share: the pre-activation BN-ReLU and the shortcut (a 1x1
     projection of the pre-activated input when the shape changes, as in the v2 paper and
@@ -25,9 +42,7 @@ class PreActUnit(nn.Module):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
-            if stride != 1 or in_ch != out_ch
-            else None
+            StridedPointwise(in_ch, out_ch, stride) if stride != 1 or in_ch != out_ch else None
         )
 
     def residual(self, pre: torch.Tensor) -> torch.Tensor:
