@@ -73,6 +73,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class PretrainConfig(OptimConfig):
     visible_fraction: float = 0.75  # SPEC 3: p, 0.75 or 0.5
+    # Ours: the kNN monitor (selfie.knn) every this many steps, when the data has labels; a
+    # multiple of log_every; 0 turns it off.
+    eval_every: int = 1000
 
     def num_visible(self, num_patches: int) -> int:
         return round(self.visible_fraction * num_patches)
@@ -155,7 +158,12 @@ PRESETS: dict[str, Config] = {
             model=_small((32, 64, 128, 256), stem_width=32),
             data=DataConfig(dataset="cifar10"),
             pretrain=PretrainConfig(
-                batch_size=128, steps=6000, lr=0.1, log_every=50, checkpoint_every=500
+                batch_size=128,
+                steps=6000,
+                lr=0.1,
+                log_every=50,
+                checkpoint_every=500,
+                eval_every=500,
             ),
             finetune=FinetuneConfig(
                 batch_size=128,
@@ -175,7 +183,12 @@ PRESETS: dict[str, Config] = {
             # Batch sizes and steps chosen for the quickstart on validation digits with
             # benchmarks/quickstart_settings.py (README: "How the quickstart was set").
             pretrain=PretrainConfig(
-                batch_size=64, steps=1200, lr=0.1, log_every=50, checkpoint_every=400
+                batch_size=64,
+                steps=1200,
+                lr=0.1,
+                log_every=50,
+                checkpoint_every=400,
+                eval_every=200,
             ),
             finetune=FinetuneConfig(
                 batch_size=25,
@@ -194,7 +207,13 @@ PRESETS: dict[str, Config] = {
             model=_small((8, 16, 32, 64), stem_width=8),
             data=DataConfig(dataset="digits", flip=False),
             pretrain=PretrainConfig(
-                batch_size=16, steps=6, warmup_steps=2, lr=0.05, log_every=2, checkpoint_every=3
+                batch_size=16,
+                steps=6,
+                warmup_steps=2,
+                lr=0.05,
+                log_every=2,
+                checkpoint_every=3,
+                eval_every=6,
             ),
             finetune=FinetuneConfig(
                 batch_size=16,
@@ -309,6 +328,11 @@ def validate(config: Config) -> Config:
                 raise UserError(f"{section}.{name} must be at least 1")
         if o.lr <= 0:
             raise UserError(f"{section}.lr must be positive")
+    if p.eval_every < 0 or p.eval_every % p.log_every:
+        raise UserError(
+            f"pretrain.eval_every={p.eval_every} must be 0 (no kNN monitor) or a multiple of "
+            f"pretrain.log_every={p.log_every}, so that its figure joins a logged record"
+        )
     f = config.finetune
     if not f.lr_grid or min(f.lr_grid) <= 0:
         raise UserError("finetune.lr_grid needs at least one positive learning rate")

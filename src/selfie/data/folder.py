@@ -91,7 +91,7 @@ class Decoded:
     errors: list[tuple[Path, str]] = field(default_factory=list)  # (file, why) for bad ones
 
 
-def _find_images(folder: Path) -> tuple[list[Path], int]:
+def find_images(folder: Path) -> tuple[list[Path], int]:
     """Image files under `folder` sorted by relative path, and the count of other files."""
     found, ignored = [], 0
     for here, dirs, files in os.walk(folder):  # followlinks=False: no symlink loops
@@ -140,7 +140,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
             f"or move {test_dir.name}/ out if it is meant to be a class"
         )
     source = train_dir if split_folders else root
-    paths, ignored = _find_images(source)
+    paths, ignored = find_images(source)
     if not paths:
         raise UserError(
             f"no images found under {source} (looked for {' '.join(EXTENSIONS)} at any depth); "
@@ -153,7 +153,7 @@ def scan_folder(root: str | Path) -> FolderLayout:
     train = [(p, index[n]) for p, n in zip(paths, names, strict=True)]
 
     if split_folders and test_dir is not None:
-        test_paths, test_ignored = _find_images(test_dir)
+        test_paths, test_ignored = find_images(test_dir)
         ignored += test_ignored
         test_names = _class_names(test_dir, test_paths, notes)
         if classes == (UNLABELLED,):
@@ -261,11 +261,18 @@ def upright_rgb(
 
 
 def _decode_one(
-    path: str, size: int, keep: bool, max_pixels: int
+    path: str, size: int, keep: bool, max_pixels: int, crop: str | None = None
 ) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
-    """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None)."""
+    """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None).
+    crop None: the centred square (module docstring); else one of crops.CROPS without a
+    flip (for the streamed datasets' evaluation crop), the stored size then left None."""
     stored = None
     try:
+        if crop is not None:
+            from selfie.data.crops import decode_crop  # crops imports this module
+
+            pixels = decode_crop(path, crop, size, False, max_pixels)
+            return (pixels if keep else None), None, None
         with open_image(path, max_pixels) as opened:
             stored = opened.size
             rgb, _ = upright_rgb(opened, (size, size))
@@ -282,10 +289,10 @@ def _decode_one(
 
 
 def _decode_chunk(
-    paths: list[str], size: int, keep: bool, max_pixels: int
+    paths: list[str], size: int, keep: bool, max_pixels: int, crop: str | None = None
 ) -> list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]:
     # A module-level function, so worker processes can receive it by reference.
-    return [_decode_one(p, size, keep, max_pixels) for p in paths]
+    return [_decode_one(p, size, keep, max_pixels, crop) for p in paths]
 
 
 def default_workers() -> int:
@@ -304,14 +311,19 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def decode_images(
-    paths: Sequence[Path], size: int, workers: int | None = None, keep: bool = True
+    paths: Sequence[Path],
+    size: int,
+    workers: int | None = None,
+    keep: bool = True,
+    crop: str | None = None,
 ) -> Decoded:
     """Decode `paths` to uint8 (K, 3, size, size), skipping (and recording) bad files.
 
     workers None: serial below SERIAL_BELOW files, else one process per CPU; 1: serial;
     n >= 2: n worker processes whatever the count. keep False checks the files but keeps no
     pixels (images is then (0, 3, size, size)). The serial and parallel paths run the same
-    per-file code, so they give identical pixels.
+    per-file code, so they give identical pixels. crop: see `_decode_one` (None: the
+    centred square every in-memory folder split is decoded with).
     """
     n = len(paths)
     if workers is None:
@@ -325,7 +337,7 @@ def decode_images(
     names = [str(p) for p in paths]
     step = max(1, min(CHUNK, -(-n // (4 * max(workers, 1)))))  # >= 4 tasks per worker
     chunks = [names[i : i + step] for i in range(0, n, step)]
-    args = (size, keep, MAX_PIXELS)
+    args = (size, keep, MAX_PIXELS, crop)
     filled = 0
 
     def take(results: list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]) -> None:
@@ -426,6 +438,7 @@ __all__ = [
     "FolderLayout",
     "TooManyPixels",
     "decode_images",
+    "find_images",
     "load_folder",
     "open_image",
     "scan_folder",
