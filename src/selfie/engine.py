@@ -323,5 +323,8 @@ def train_recipe(
     )
     start = loop.restore() if opts.resume else 0
     t0 = time.perf_counter()
-    last = loop.run_steps(start)
+    try:
+        last = loop.run_steps(start)
+    finally:
+        run.close()
     return last, time.perf_counter() - t0

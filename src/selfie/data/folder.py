@@ -271,8 +271,8 @@ def _decode_one(
         if crop is not None:
             from selfie.data.crops import decode_crop  # crops imports this module
 
-            pixels = decode_crop(path, crop, size, False, max_pixels)
-            return (pixels if keep else None), None, None
+            cropped = decode_crop(path, crop, size, False, max_pixels)
+            return (cropped if keep else None), None, None
         with open_image(path, max_pixels) as opened:
             stored = opened.size
             rgb, _ = upright_rgb(opened, (size, size))

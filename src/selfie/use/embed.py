@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def embed(
     arrays = embed_arrays(run, data_dir, batch_size, progress)
     description = str(arrays.pop("description"))
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **dict[str, Any](arrays))
     try:
         atomic_write(out, lambda f: f.write(buffer.getvalue()))
     except OSError as e:

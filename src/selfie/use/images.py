@@ -78,11 +78,11 @@ class ImageInput:
             errors = [
                 (name, next(why)) for (name, _, _), good in zip(chunk, ok, strict=True) if not good
             ]
-            labels = [label for (_, _, label), good in zip(chunk, ok, strict=True) if good]
+            known = [label for (_, _, label), good in zip(chunk, ok, strict=True) if good]
             yield ImageBatch(
                 names=[name for (name, _, _), good in zip(chunk, ok, strict=True) if good],
                 images=torch.from_numpy(decoded.images).to(device),
-                labels=torch.tensor(labels, dtype=torch.int64, device=device),
+                labels=torch.tensor(known, dtype=torch.int64, device=device),
                 errors=errors,
             )
 
