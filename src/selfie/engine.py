@@ -87,11 +87,12 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class Callback:
-    """`fn(step)` after step `step` when step % every == 0 (every a multiple of the loop's
-    log_every) and after the last step; the metrics it returns (say an evaluation's
-    accuracy) join that step's record in metrics.jsonl. The loop calls it on every rank: under
-    torchrun it computes where it likes (rank 0's figures are the ones logged) and must not
-    draw from the global RNGs, so that training and resume stay exact."""
+    """`fn(step)` at the first logging step at or after each multiple of `every` (at each
+    multiple when `every` is a multiple of log_every), and after the last step; the metrics
+    it returns (say an evaluation's accuracy) join that step's record in metrics.jsonl. The
+    loop calls it on every rank: under torchrun it computes where it likes (rank 0's figures
+    are the ones logged) and must not draw from the global RNGs, so that training and resume
+    stay exact."""
 
     every: int
     fn: Callable[[int], dict[str, float]]
@@ -150,11 +151,8 @@ class TrainLoop:
                     ["selfie", self.kind, "--resume", "--out", str(self.run.path)]
                 )
         for callback in self.callbacks:
-            if callback.every < 1 or callback.every % self.log_every:
-                raise UserError(
-                    f"a callback every {callback.every} steps must run at logging steps: give "
-                    f"a positive multiple of log_every ({self.log_every})"
-                )
+            if callback.every < 1:
+                raise UserError(f"a callback's interval must be at least 1, not {callback.every}")
         self.state = Checkpointer(
             model=self.model,
             optimizer=self.optimizer,
@@ -177,6 +175,13 @@ class TrainLoop:
         step, window = self.state.restore(self.steps, self.log_every)
         self.window, self.window_count = dict(window.sums), window.count
         return step
+
+    def _due(self, callback: Callback, done: int) -> bool:
+        """At logging step `done`: whether a multiple of callback.every lies in the steps
+        since the previous logging step, or this is the last step. A pure function of the
+        step, so a resumed run calls back where the uninterrupted one did."""
+        previous = (done - 1) // self.log_every * self.log_every  # the previous log step
+        return done // callback.every > previous // callback.every or done == self.steps
 
     def run_steps(self, start_step: int = 0) -> dict[str, float]:
         """Train from `start_step` to `self.steps`; returns the last logged metrics.
@@ -250,7 +255,7 @@ class TrainLoop:
                 last = {k: total / self.window_count for k, total in self.window.items()}
                 last |= {"lr": lr, "images_per_s": timed_steps * self.batch_size / elapsed}
                 for callback in self.callbacks:
-                    if done % callback.every == 0 or done == self.steps:
+                    if self._due(callback, done):
                         last |= callback.fn(done)
                 if main:
                     self.run.log({"step": done, **last})

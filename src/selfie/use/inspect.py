@@ -126,8 +126,15 @@ def draw(result: Inspection, patch_size: int, out: Path, names: list[str]) -> No
         ax.imshow(img, alpha=0.5)
         size = grid * patch_size
         extent = (-0.5, size - 0.5, size - 0.5, -0.5)
+        weights = result.attention[i]
         ax.imshow(heat, cmap="magma", alpha=0.6, extent=extent, interpolation="nearest")
-        ax.set_xlabel(f"self {float(result.attention_self[i]):.2f}", fontsize=8)
+        for m in masked:
+            _box(ax, m, grid, patch_size, "yellow", width=1.0)
+        ax.set_xlabel(
+            f"visible {float(weights.min()):.2f}-{float(weights.max()):.2f} (bright: more), "
+            f"u0 itself {float(result.attention_self[i]):.2f}",
+            fontsize=8,
+        )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
