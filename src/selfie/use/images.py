@@ -41,12 +41,6 @@ class ImageInput:
     _files: list[tuple[str, Path, int]] | None = None  # (name, file, label) for files
     _split: MemorySource | None = None
 
-    @property
-    def labelled(self) -> bool:
-        if self._split is not None:
-            return True
-        return any(label != UNKNOWN for _, _, label in self._files or [])
-
     def batches(
         self, run: TrainedRun, batch_size: int, progress: bool = True
     ) -> Iterator[ImageBatch]:

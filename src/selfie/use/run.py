@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfie.checkpoint import load_weights
+from selfie.checkpoint import list_checkpoints, load_weights
 from selfie.config import Config, config_from_dict, validate
 from selfie.data.source import data_facts, open_source
 from selfie.device import place, resolve_device
@@ -147,8 +147,6 @@ def open_trained(
 def _own_weights(folder: Path) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder / "model.safetensors"
-    from selfie.checkpoint import list_checkpoints
-
     found = list_checkpoints(folder / "checkpoints")
     if not found:
         raise UserError(
