@@ -74,14 +74,14 @@ def test_timm_layout_is_timms_resnetv2_50_key_list():
         assert tuple(mapped[key].shape) == shape, key
 
 
-def _fake_pretrain_run(folder: Path, overrides: list[str]) -> Path:
+def fake_pretrain_run(folder: Path, overrides: list[str], data_dir: str | None = None) -> Path:
     """A run folder as `selfie pretrain` leaves it, with untrained weights (no training)."""
     config = apply_overrides(get_preset("tiny"), overrides)
     torch.manual_seed(0)
     folder.mkdir(parents=True)
     export_safetensors(Selfie(config), folder / "model.safetensors")
     facts = {"classes": [str(d) for d in range(10)], "mean": [0.2] * 3, "std": [0.3] * 3}
-    run = {"data_dir": None, "data": facts}
+    run = {"data_dir": data_dir, "data": facts}
     (folder / "config.json").write_text(json.dumps({"config": config.to_dict(), "run": run}))
     return folder
 
@@ -92,7 +92,7 @@ def test_timm_layout_of_a_bottleneck_pretraining_run(tmp_path: Path, capsys):
     # A stem narrower than stage 1, as in ResNet-50 (64 -> 256), so that stage 1's first
     # unit projects its shortcut as timm's always does.
     overrides = ["model.block='bottleneck'", "model.stem='imagenet'", "model.stem_width=4"]
-    run_dir = _fake_pretrain_run(tmp_path / "pre", overrides)
+    run_dir = fake_pretrain_run(tmp_path / "pre", overrides)
     code, _, err = run_cli(
         ["export", str(run_dir), "--format", "safetensors", "--layout", "timm"], capsys
     )

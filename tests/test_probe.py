@@ -124,3 +124,21 @@ def test_eval_every_must_not_be_negative(capsys):
         ["show-config", "--preset", "tiny", "--set", "pretrain.eval_every=-1"], capsys
     )
     assert code == 2 and "give 0 (no kNN monitor) or more" in err
+
+
+def test_probe_refuses_unlabelled_images(tmp_path: Path):
+    """A run pretrained on a folder without class sub-folders has nothing to probe with."""
+    import numpy as np
+    from PIL import Image
+
+    from selfie.errors import UserError
+    from tests.test_export import fake_pretrain_run
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(12):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    run = fake_pretrain_run(tmp_path / "pre", ["data.dataset='folder'"], str(images))
+    with pytest.raises(UserError, match="have no labels"):
+        probe(run, device="cpu")

@@ -60,3 +60,31 @@ def test_open_trained_refusals(tiny_runs, tmp_path: Path):
         open_trained(mixed, "cpu")
     with pytest.raises(UserError, match="`selfie predict` needs a finetuning run"):
         open_trained(tiny_runs.pretrain, "cpu", expect="finetune", what="predict")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict"],
+        ["embed", "--out", "f.npz"],
+        ["export", "--format", "safetensors"],
+        ["probe"],
+        ["inspect", "--out", "f.png"],
+    ],
+)
+def test_every_command_refuses_a_missing_run(tmp_path: Path, capsys, args):
+    code = cli.main(["-q", args[0], str(tmp_path / "no-such-run"), *args[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err, err
+
+
+@pytest.mark.parametrize("command", ["predict", "embed", "inspect"])
+def test_every_image_command_refuses_a_folder_without_images(tiny_runs, tmp_path, capsys, command):
+    run = tiny_runs.finetune if command == "predict" else tiny_runs.pretrain
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    out = {"predict": "p.csv", "embed": "f.npz", "inspect": "f.png"}[command]
+    args = [command, str(run), "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / out)]
+    code = cli.main(["-q", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no images found" in err, err
+    assert not (tmp_path / out).exists()
