@@ -140,3 +140,32 @@ def test_predict_bad_input_one_line_exit_2(tiny_runs, tmp_path: Path, capsys, wh
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_predict_streamed_dataset_uses_its_evaluation_crop(tmp_path: Path, capsys, one_thread):
+    """A run on a class-folder tree (paper-imagenet224 with a tiny network): predict on its
+    val split (rows by path) reproduces its test_acc, and the same files given as a folder
+    get the same probabilities: both decode with the evaluation crop finetuning used."""
+    from tests.helpers import write_fake_imagenet
+    from tests.test_stream import cli_args
+
+    tree = write_fake_imagenet(tmp_path / "tree")
+    ft = tmp_path / "ft"
+    args = [*cli_args("finetune", tree, ft, 3, 32, 16), "--labels", "5", "--scratch"]
+    code, _, err = run_cli([*args, "--workers", "0"], capsys)
+    assert code == 0, err
+    split, folder = tmp_path / "split.csv", tmp_path / "folder.csv"
+    assert run_cli(["predict", str(ft), "--out", str(split)], capsys)[0] == 0
+    code, _, err = run_cli(
+        ["predict", str(ft), "--data-dir", str(tree / "val"), "--out", str(folder)], capsys
+    )
+    assert code == 0, err
+    a, b = read_csv(split), read_csv(folder)
+    assert (
+        [r["path"] for r in a]
+        == [r["path"] for r in b]
+        == [str(Path(c) / f"{c}_{i}.JPEG") for c in ("ant", "bee", "cat") for i in range(2)]
+    )
+    assert [r["p_ant"] for r in a] == [r["p_ant"] for r in b]
+    test_acc = json.loads((ft / "summary.json").read_text())["test_acc"]
+    assert np.mean([r["label"] == r["prediction"] for r in a]) == pytest.approx(test_acc)
