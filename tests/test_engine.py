@@ -215,3 +215,32 @@ def test_metrics_are_json_lines(tmp_path):
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 4]
     assert all({"loss", "abs_err", "lr", "images_per_s"} <= r.keys() for r in records)
+
+
+def test_callbacks_run_at_the_first_log_step_after_each_multiple(tmp_path):
+    """every=3 with log_every=2 over 10 steps: at steps 4 (covers 3), 6, 10 (covers 9 and is
+    the last); the figures join those records and no others; the weights are those of the
+    run without the callback."""
+    from selfie.engine import Callback
+
+    calls: list[int] = []
+
+    def monitor(step):
+        calls.append(step)
+        return {"probe": float(step)}
+
+    plain, plain_model, _ = _loop(tmp_path / "plain", 10)
+    plain.run_steps()
+    loop, model, run = _loop(tmp_path / "cb", 10)
+    loop.callbacks = (Callback(3, monitor),)
+    loop.run_steps()
+    assert calls == [4, 6, 10]
+    assert [(r["step"], r.get("probe")) for r in run.metrics()] == [
+        (2, None),
+        (4, 4.0),
+        (6, 6.0),
+        (8, None),
+        (10, 10.0),
+    ]
+    for a, b in zip(plain_model.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -21,6 +21,7 @@ from selfie.data import DATASETS
 from selfie.errors import Interrupted, UserError
 from selfie.models.classifier import HEADS
 from selfie.runfolder import RunOptions
+from selfie.use.cli import USE_COMMANDS, add_use_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,6 +117,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "device LOCAL_RANK of the kind given",
     )
     _add_workers_arg(p)
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the logged scalars to the run folder's tb/ for TensorBoard "
+        "(needs pip install 'selfie[tensorboard]')",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
 
@@ -264,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: runs/...)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
 
+    add_use_commands(sub)
+
     p = sub.add_parser("data", help="dataset tools: `selfie data check` verifies a dataset folder")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data_sub.add_parser(
@@ -333,6 +342,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         progress=sys.stderr.isatty(),
         workers=args.workers,
         unlabelled_dir=getattr(args, "unlabelled_dir", None),
+        tensorboard=args.tensorboard,
     )
 
 
@@ -490,6 +500,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "quickstart": cmd_quickstart,
     "data": cmd_data,
+    **USE_COMMANDS,
 }
 
 

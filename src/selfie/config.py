@@ -73,6 +73,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class PretrainConfig(OptimConfig):
     visible_fraction: float = 0.75  # SPEC 3: p, 0.75 or 0.5
+    # Ours: the kNN monitor (selfie.knn) every this many steps (at the first logging step at
+    # or after each multiple, and at the end), when the data has labels; 0 turns it off.
+    eval_every: int = 1000
 
     def num_visible(self, num_patches: int) -> int:
         return round(self.visible_fraction * num_patches)
@@ -155,7 +158,12 @@ PRESETS: dict[str, Config] = {
             model=_small((32, 64, 128, 256), stem_width=32),
             data=DataConfig(dataset="cifar10"),
             pretrain=PretrainConfig(
-                batch_size=128, steps=6000, lr=0.1, log_every=50, checkpoint_every=500
+                batch_size=128,
+                steps=6000,
+                lr=0.1,
+                log_every=50,
+                checkpoint_every=500,
+                eval_every=500,
             ),
             finetune=FinetuneConfig(
                 batch_size=128,
@@ -183,6 +191,7 @@ PRESETS: dict[str, Config] = {
                 log_every=50,
                 checkpoint_every=400,
                 visible_fraction=0.5,
+                eval_every=200,
             ),
             finetune=FinetuneConfig(
                 batch_size=25,
@@ -201,7 +210,13 @@ PRESETS: dict[str, Config] = {
             model=_small((8, 16, 32, 64), stem_width=8),
             data=DataConfig(dataset="digits", flip=False),
             pretrain=PretrainConfig(
-                batch_size=16, steps=6, warmup_steps=2, lr=0.05, log_every=2, checkpoint_every=3
+                batch_size=16,
+                steps=6,
+                warmup_steps=2,
+                lr=0.05,
+                log_every=2,
+                checkpoint_every=3,
+                eval_every=6,
             ),
             finetune=FinetuneConfig(
                 batch_size=16,
@@ -318,6 +333,8 @@ def validate(config: Config) -> Config:
                 raise UserError(f"{section}.{name} must be at least 1")
         if o.lr <= 0:
             raise UserError(f"{section}.lr must be positive")
+    if p.eval_every < 0:
+        raise UserError(f"pretrain.eval_every={p.eval_every}: give 0 (no kNN monitor) or more")
     f = config.finetune
     if not f.lr_grid or min(f.lr_grid) <= 0:
         raise UserError("finetune.lr_grid needs at least one positive learning rate")

@@ -1,6 +1,8 @@
 """The training loop. It knows nothing about Selfie: a step function turns a step number into
 a loss and metrics; the loop sets the learning rate, steps the optimizer, logs, checkpoints
-and resumes, and stops cleanly on SIGINT/SIGTERM.
+and resumes, and stops cleanly on SIGINT/SIGTERM. Callbacks (an evaluation every N steps) add
+their figures to the logged records. What goes to disk and back (checkpoints, RNG states) is
+`trainstate.Checkpointer`'s.
 
 Under torchrun (see selfie.distributed) every rank runs the same loop on its share of the
 batch: metrics are averaged over ranks every step (so every rank holds the same log window
@@ -12,35 +14,29 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from selfie import checkpoint as ckpt
 from selfie import distributed
 from selfie.config import OptimConfig
-from selfie.data.sampler import derive_seed
 from selfie.device import autocast
 from selfie.errors import Interrupted, UserError
 from selfie.optim import lr_at, make_sgd
 from selfie.runfolder import RunFolder, RunOptions, resume_command
+from selfie.trainstate import Checkpointer, LogWindow
 
 log = logging.getLogger(__name__)
-
-# Keys a checkpoint needs for an exact resume; one lacking any is treated as unreadable.
-_REQUIRED = ("step", "model", "optimizer", "rng_cpu", "log_window")
 
 
 @dataclass
@@ -89,33 +85,17 @@ class StopSignals:
         self._previous.clear()
 
 
-def _rng_states() -> dict[str, Any]:
-    """Every global RNG, in weights_only-loadable types. Only torch's is drawn from today
-    (dropout); Python's and numpy's are saved so that a future use cannot break exact resume."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "rng_cpu": torch.get_rng_state(),
-        "rng_python": {"version": version, "state": list(internal), "gauss": gauss},
-        "rng_numpy": {  # a numpy array would need unpickling: its uint32 keys go as int64
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
+@dataclass(frozen=True)
+class Callback:
+    """`fn(step)` at the first logging step at or after each multiple of `every` (at each
+    multiple when `every` is a multiple of log_every), and after the last step; the metrics
+    it returns (say an evaluation's accuracy) join that step's record in metrics.jsonl. The
+    loop calls it on every rank: under torchrun it computes where it likes (rank 0's figures
+    are the ones logged) and must not draw from the global RNGs, so that training and resume
+    stay exact."""
 
-
-def _set_rng_states(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["rng_cpu"])
-    if "rng_python" in state:
-        py = state["rng_python"]
-        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "rng_numpy" in state:
-        n = state["rng_numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    every: int
+    fn: Callable[[int], dict[str, float]]
 
 
 @dataclass
@@ -152,6 +132,9 @@ class TrainLoop:
     # run. Empty: `selfie <kind> --resume --out <run>` with the run's options (see
     # runfolder.resume_command); the experiment runner passes its own command line.
     resume_hint: str = ""
+    # Run at logging steps that are multiples of their `every`, and at the last step; what
+    # they return joins that step's record (see Callback).
+    callbacks: Sequence[Callback] = ()
 
     def __post_init__(self) -> None:
         if self.keep_checkpoints < 1:
@@ -167,158 +150,38 @@ class TrainLoop:
                 self.resume_hint = shlex.join(
                     ["selfie", self.kind, "--resume", "--out", str(self.run.path)]
                 )
+        for callback in self.callbacks:
+            if callback.every < 1:
+                raise UserError(f"a callback's interval must be at least 1, not {callback.every}")
+        self.state = Checkpointer(
+            model=self.model,
+            optimizer=self.optimizer,
+            run=self.run,
+            kind=self.kind,
+            config=self.config,
+            device=self.device,
+            resume_hint=self.resume_hint,
+            scaler=self.scaler,
+            keep_checkpoints=self.keep_checkpoints,
+        )
 
     def save(self, step: int) -> Path:
-        """Write the checkpoint of `step`, then delete the ones beyond `keep_checkpoints`.
-
-        Refuses to save non-finite weights (a finite loss can still give infinite gradients),
-        so the newest checkpoint is always one worth resuming from. A failed write (a full
-        disk) leaves the previous checkpoints as they were and raises a UserError.
-
-        Under torchrun every rank calls this: rank 0 writes, with every rank's RNG state (each
-        rank draws its own dropout), and the others wait for it and share its errors."""
-        ranks_rng = distributed.all_gather_object(self._local_rng())
-        path = distributed.on_main(lambda: self._write(step, ranks_rng))
-        return path or ckpt.checkpoint_path(self.run.checkpoints, step)
-
-    def _local_rng(self) -> dict[str, torch.Tensor]:
-        state = {"rng_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _write(self, step: int, ranks_rng: list[dict[str, torch.Tensor]]) -> Path:
-        model = ckpt.unwrap(self.model)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise UserError(
-                f"the weights became non-finite at step {step}; stopped without saving them "
-                f"(the last good checkpoint is kept in {self.run.checkpoints}); lower the "
-                "learning rate"
-            )
-        state = {
-            "format": ckpt.FORMAT,
-            "kind": self.kind,
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **_rng_states(),
-            "config": self.config,
-            "log_window": {"count": self.window_count, "sums": dict(self.window)},
-        }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if len(ranks_rng) > 1:
-            state["rng_ranks"] = ranks_rng
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
-        path = ckpt.checkpoint_path(self.run.checkpoints, step)
-        try:
-            ckpt.atomic_save(state, path)
-        except OSError as e:
-            previous = [p for p in ckpt.list_checkpoints(self.run.checkpoints) if p != path]
-            kept = f"{previous[-1].name} is kept" if previous else "no earlier checkpoint exists"
-            what, fix = ckpt.describe_write_error(e)
-            raise UserError(
-                f"{what} while saving {path} at step {step} ({kept}); {fix} and run again: "
-                f"{self.resume_hint}"
-            ) from None
-        ckpt.prune_checkpoints(self.run.checkpoints, step, self.keep_checkpoints)
-        return path
+        """Checkpoint `step` (see Checkpointer.save)."""
+        return self.state.save(step, LogWindow(dict(self.window), self.window_count))
 
     def restore(self) -> int:
-        """Load the newest readable checkpoint of the run; returns the step to continue from.
-
-        A checkpoint that does not load (truncated, corrupt, foreign, or carrying pickled
-        code, which is never unpickled) is skipped with a warning naming it, and the one
-        before it is used. If the run has checkpoints but none loads, this refuses with a
-        UserError rather than start again from step 0: a restart that only warns is easy to
-        miss in a long log and would throw away the run's progress (hours or days), and its
-        rotation would then delete the damaged files that a user might still recover. Moving
-        them away starts over deliberately. A run with no checkpoint at all (stopped before
-        its first save) starts at step 0, and its log lines from before the stop are dropped.
-        Temporary files of saves cut short are removed.
-
-        Under torchrun every rank reads the same checkpoint (so the run folder must be on
-        storage that every node sees) and they check that they agree on the step.
-        """
-        if distributed.is_main():
-            for stale in ckpt.remove_temp_files(self.run.checkpoints):
-                log.info("removed %s, left by a save that was cut short", stale)
-        found = ckpt.list_checkpoints(self.run.checkpoints)
-        state, path = None, None
-        for candidate in reversed(found):
-            try:
-                state = ckpt.load_checkpoint(candidate)
-                missing = [k for k in _REQUIRED if k not in state]
-                if missing:
-                    raise UserError(f"{candidate} lacks {', '.join(missing)}")
-            except UserError as e:
-                log.warning("skipping unreadable checkpoint %s: %s", candidate, e)
-                state = None
-                continue
-            path = candidate
-            break
-        if state is None or path is None:
-            if found:
-                raise UserError(
-                    f"none of the {len(found)} checkpoints in {self.run.checkpoints} is "
-                    "readable (see the warnings above); to start the run over, move them out "
-                    f"of that folder and run again: {self.resume_hint}"
-                )
-            # Records logged before the first checkpoint would otherwise appear twice.
-            if distributed.is_main():
-                self.run.truncate_metrics(0)
-            return self._agreed(0)
-        if state.get("kind", self.kind) != self.kind:
-            raise UserError(f"{path} is a {state['kind']} checkpoint, not a {self.kind} one")
-        try:
-            ckpt.unwrap(self.model).load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            # Not damage but a different model: resuming from an older file would not help.
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"{path} does not fit this run's model ({first})") from None
-        step = int(state["step"])
-        self._restore_rng(state, step)
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.window = dict(state["log_window"]["sums"])
-        self.window_count = int(state["log_window"]["count"])
-        if distributed.is_main():
-            # A line logged at a checkpoint that ended a run early is not one the longer run
-            # has.
-            at_log = step % self.log_every == 0 or step == self.steps
-            self.run.truncate_metrics(step if at_log else step - 1)
-            log.info("resumed from %s at step %d", path, step)
-        return self._agreed(step)
-
-    def _restore_rng(self, state: dict[str, Any], step: int) -> None:
-        """Every global RNG as saved; under torchrun each rank takes its own torch streams."""
-        _set_rng_states(state)  # rank 0's torch streams; Python's and numpy's for all
-        rank, world = distributed.rank(), distributed.world_size()
-        ranks = state.get("rng_ranks", [])
-        if world > 1 and len(ranks) == world:
-            own = ranks[rank]
-        elif rank == 0:
-            own = state
-        else:
-            # Saved by a run on another number of processes: rank 0 continues its stream, the
-            # others start their own, reproducibly, from the step.
-            torch.manual_seed(derive_seed(step, 4, rank))
-            return
-        torch.set_rng_state(own["rng_cpu"])
-        if "rng_cuda" in own and self.device.type == "cuda":
-            torch.cuda.set_rng_state(own["rng_cuda"], self.device)
-
-    def _agreed(self, step: int) -> int:
-        """`step`, once every rank is known to resume from it."""
-        steps = distributed.all_gather_object(step)
-        if len(set(steps)) > 1:
-            raise UserError(
-                f"the processes found different checkpoints to resume from (steps {steps} by "
-                f"rank); put {self.run.path} on storage that every node reads"
-            )
+        """Load the newest readable checkpoint (see Checkpointer.restore); returns the step to
+        continue from."""
+        step, window = self.state.restore(self.steps, self.log_every)
+        self.window, self.window_count = dict(window.sums), window.count
         return step
+
+    def _due(self, callback: Callback, done: int) -> bool:
+        """At logging step `done`: whether a multiple of callback.every lies in the steps
+        since the previous logging step, or this is the last step. A pure function of the
+        step, so a resumed run calls back where the uninterrupted one did."""
+        previous = (done - 1) // self.log_every * self.log_every  # the previous log step
+        return done // callback.every > previous // callback.every or done == self.steps
 
     def run_steps(self, start_step: int = 0) -> dict[str, float]:
         """Train from `start_step` to `self.steps`; returns the last logged metrics.
@@ -391,6 +254,9 @@ class TrainLoop:
                 elapsed = time.perf_counter() - window_start
                 last = {k: total / self.window_count for k, total in self.window.items()}
                 last |= {"lr": lr, "images_per_s": timed_steps * self.batch_size / elapsed}
+                for callback in self.callbacks:
+                    if self._due(callback, done):
+                        last |= callback.fn(done)
                 if main:
                     self.run.log({"step": done, **last})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in last.items() if k != "lr"})
@@ -434,6 +300,7 @@ def train_recipe(
     config: dict[str, Any],
     device: torch.device,
     opts: RunOptions,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[dict[str, float], float]:
     """Train `trained` (the plain `model`, or it wrapped in DDP / torch.compile) with the
     recipe of SPEC 4: SGD with Nesterov momentum and weight decay, linear warm-up then cosine
@@ -457,8 +324,12 @@ def train_recipe(
         fp16=opts.fp16,
         accum=opts.accum,
         progress=opts.progress,
+        callbacks=callbacks,
     )
     start = loop.restore() if opts.resume else 0
     t0 = time.perf_counter()
-    last = loop.run_steps(start)
+    try:
+        last = loop.run_steps(start)
+    finally:
+        run.close()
     return last, time.perf_counter() - t0

@@ -11,13 +11,11 @@ rank 0 alone writes the run folder and evaluates.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from selfie import distributed
 from selfie.checkpoint import export_safetensors, load_weights
@@ -25,7 +23,7 @@ from selfie.config import Config
 from selfie.data.augment import normalize
 from selfie.data.crops import FINETUNE
 from selfie.data.sampler import step_generator
-from selfie.data.source import BatchSource, TrainPlan, open_source
+from selfie.data.source import BatchSource, TrainPlan, data_facts, open_source
 from selfie.data.subsets import (
     balanced_subset,
     class_counts,
@@ -34,9 +32,10 @@ from selfie.data.subsets import (
     save_indices,
     split_validation,
 )
-from selfie.device import autocast, check_precision, place
+from selfie.device import check_precision, place
 from selfie.engine import StepResult, train_recipe
 from selfie.errors import UserError
+from selfie.evaluation import evaluate
 from selfie.losses import top1_accuracy
 from selfie.models.classifier import HEADS, build_classifier, transfer_pretrained
 from selfie.runfolder import RunOptions, open_run, resolve_config
@@ -64,30 +63,6 @@ class FinetuneSpec:
     @property
     def arm(self) -> str:
         return "scratch" if self.init is None else "pretrained"
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    bf16: bool = False,
-    fp16: bool = False,
-) -> float:
-    """Top-1 accuracy in eval mode over `batches` of uint8 (B, C, H, W) images and (B,) labels
-    on the device (a BatchSource's eval_batches)."""
-    was_training = model.training
-    model.eval()
-    correct, total = 0, 0
-    for images, labels in batches:
-        x = normalize(images, mean, std)
-        with autocast(images.device, bf16, fp16):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += len(labels)
-    model.train(was_training)
-    return correct / max(1, total)
 
 
 def _labelled_subset(
@@ -164,7 +139,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
     run = open_run(
         config,
         opts,
-        {"finetune": asdict(spec), **meta},
+        {"finetune": asdict(spec), "data": data_facts(train), **meta},
         on_open=lambda r: save_indices(
             r.path / "subset.json", meta, train=train_idx, val=val_idx, labelled_per_class=per_class
         ),

@@ -15,15 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfie import distributed, plots
+from selfie import distributed, knn, plots
 from selfie.checkpoint import export_safetensors
 from selfie.config import Config
 from selfie.data.augment import normalize
 from selfie.data.crops import PRETRAIN
 from selfie.data.sampler import step_generator
-from selfie.data.source import BatchSource, TrainBatches, TrainPlan, open_source, open_unlabelled
+from selfie.data.source import (
+    BatchSource,
+    TrainBatches,
+    TrainPlan,
+    data_facts,
+    open_source,
+    open_unlabelled,
+)
 from selfie.device import autocast, check_precision, place
-from selfie.engine import StepResult, train_recipe
+from selfie.engine import Callback, StepResult, train_recipe
 from selfie.errors import UserError
 from selfie.losses import selfie_loss, top1_accuracy
 from selfie.models.selfie import Selfie
@@ -165,7 +172,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
         raise UserError(
             f"batch size {p.batch_size} exceeds the {len(train)} {what} images; lower --batch-size"
         )
-    run = open_run(config, replace(opts, unlabelled_dir=unlabelled))
+    run = open_run(config, replace(opts, unlabelled_dir=unlabelled), {"data": data_facts(train)})
     if info.is_main:
         log.info("config: %s", json.dumps(config.to_dict()))
 
@@ -176,6 +183,10 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
     distributed.seed_other_ranks(p.seed, info.rank)
     trained = distributed.prepare_model(model, info, sync_bn=opts.sync_bn, compile=opts.compile)
     n, n_vis = d.num_patches, p.num_visible(d.num_patches)
+    callbacks = []
+    if p.eval_every and knn.has_labels(train):
+        monitor = knn.KnnMonitor(model.patch_net, train, p.seed, device, opts.bf16)
+        callbacks.append(Callback(p.eval_every, monitor))
 
     last, train_seconds = train_recipe(
         model=model,
@@ -188,6 +199,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
         config=config.to_dict(),
         device=device,
         opts=opts,
+        callbacks=callbacks,
     )
     batches.close()
 
@@ -212,6 +224,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
             "chance_pretext_acc": 1.0 / (n - n_vis),
             "final_loss": last.get("loss"),
             "final_pretext_acc": last.get("pretext_acc"),
+            "final_knn_acc": last.get("knn_acc"),  # the kNN monitor (None when off)
             "heldout_pretext_acc": held,  # with the training augmentation
             "heldout_pretext_acc_unaugmented": held_plain,
             "heldout_images": len(held_idx),
@@ -222,7 +235,12 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
             **precision,
         }
         run.write_summary(summary)
-        plots.pretext_curve(records, summary["chance_pretext_acc"], run.path / "pretext.png")
+        plots.pretext_curve(
+            records,
+            summary["chance_pretext_acc"],
+            run.path / "pretext.png",
+            class_chance=1.0 / len(train.classes),
+        )
         return summary
 
     return distributed.broadcast_object(distributed.on_main(finish) or {})

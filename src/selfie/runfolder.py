@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from selfie import distributed
 from selfie.checkpoint import describe_write_error, fsync_dir
 from selfie.config import Config, config_from_dict, validate
 from selfie.errors import UserError
+from selfie.tensorboard import TensorBoardLog
+from selfie.tensorboard import check_available as check_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class RunFolder:
         self.path = Path(path)
         # How the run was started (set by open_run), for the command that resumes it.
         self.options: RunOptions | None = None
+        self.tensorboard: TensorBoardLog | None = None  # --tensorboard: records also to tb/
         if not writer:
             return
         exists = (self.path / "config.json").exists()
@@ -99,6 +103,7 @@ class RunFolder:
                 (self.path / name).unlink(missing_ok=True)
             for ckpt in self.checkpoints.glob("step_*.pt"):
                 ckpt.unlink()
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
 
     @property
     def checkpoints(self) -> Path:
@@ -129,6 +134,13 @@ class RunFolder:
             raise UserError(
                 f"{what} while writing {path}; {fix} and run again with --resume"
             ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        """Let go of the TensorBoard writer, if any."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def metrics(self) -> list[dict[str, Any]]:
         """The logged records. A last line cut short (a machine that lost power mid-append) is
@@ -180,6 +192,7 @@ class RunOptions:
     # Pretraining's images when they live apart from the labelled ones (--unlabelled-dir);
     # recorded in config.json, and read back from it by a resume.
     unlabelled_dir: str | None = None
+    tensorboard: bool = False  # also write the logged scalars to the run folder's tb/
     # The command that continues this run, quoted when it is interrupted; None: the
     # `selfie <kind> --resume` line resume_command builds. The experiment runner sets its own.
     resume_hint: str | None = None
@@ -205,6 +218,8 @@ def resume_command(kind: str, opts: RunOptions) -> str:
         parts.append("--compile")
     if opts.workers is not None:
         parts += ["--workers", str(opts.workers)]
+    if opts.tensorboard:
+        parts.append("--tensorboard")
     return shlex.join(parts)
 
 
@@ -247,8 +262,13 @@ def open_run(
     Under torchrun rank 0 alone does this; the other ranks wait for it (raising its error if
     it fails) and get a handle that writes nothing."""
 
+    if opts.tensorboard:
+        check_tensorboard()  # before anything is written
+
     def create() -> RunFolder:
         run = RunFolder(opts.out, resume=opts.resume, force=opts.force)
+        if opts.tensorboard:
+            run.tensorboard = TensorBoardLog(run.path / "tb")
         if not opts.resume:
             how = {
                 "device": opts.device,

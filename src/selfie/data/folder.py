@@ -278,11 +278,18 @@ def upright_rgb(
 
 
 def _decode_one(
-    path: str, size: int, keep: bool, max_pixels: int
+    path: str, size: int, keep: bool, max_pixels: int, crop: str | None = None
 ) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
-    """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None)."""
+    """One file -> (uint8 (3, size, size) or None, stored (w, h) or None, error or None).
+    crop None: the centred square (module docstring); else one of crops.CROPS without a
+    flip (for the streamed datasets' evaluation crop), the stored size then left None."""
     stored = None
     try:
+        if crop is not None:
+            from selfie.data.crops import decode_crop  # crops imports this module
+
+            cropped = decode_crop(path, crop, size, False, max_pixels)
+            return (cropped if keep else None), None, None
         with open_image(path, max_pixels) as opened:
             stored = opened.size
             rgb, _ = upright_rgb(opened, (size, size))
@@ -299,10 +306,10 @@ def _decode_one(
 
 
 def _decode_chunk(
-    paths: list[str], size: int, keep: bool, max_pixels: int
+    paths: list[str], size: int, keep: bool, max_pixels: int, crop: str | None = None
 ) -> list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]:
     # A module-level function, so worker processes can receive it by reference.
-    return [_decode_one(p, size, keep, max_pixels) for p in paths]
+    return [_decode_one(p, size, keep, max_pixels, crop) for p in paths]
 
 
 def default_workers() -> int:
@@ -321,14 +328,19 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def decode_images(
-    paths: Sequence[Path], size: int, workers: int | None = None, keep: bool = True
+    paths: Sequence[Path],
+    size: int,
+    workers: int | None = None,
+    keep: bool = True,
+    crop: str | None = None,
 ) -> Decoded:
     """Decode `paths` to uint8 (K, 3, size, size), skipping (and recording) bad files.
 
     workers None: serial below SERIAL_BELOW files, else one process per CPU; 1: serial;
     n >= 2: n worker processes whatever the count. keep False checks the files but keeps no
     pixels (images is then (0, 3, size, size)). The serial and parallel paths run the same
-    per-file code, so they give identical pixels.
+    per-file code, so they give identical pixels. crop: see `_decode_one` (None: the
+    centred square every in-memory folder split is decoded with).
     """
     n = len(paths)
     if workers is None:
@@ -342,7 +354,7 @@ def decode_images(
     names = [str(p) for p in paths]
     step = max(1, min(CHUNK, -(-n // (4 * max(workers, 1)))))  # >= 4 tasks per worker
     chunks = [names[i : i + step] for i in range(0, n, step)]
-    args = (size, keep, MAX_PIXELS)
+    args = (size, keep, MAX_PIXELS, crop)
     filled = 0
 
     def take(results: list[tuple[np.ndarray | None, tuple[int, int] | None, str | None]]) -> None:

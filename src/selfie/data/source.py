@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -261,11 +261,34 @@ def _refuse_test_images(unlabelled: Path, data_dir: Path) -> None:
         )
 
 
+def eval_crop(data: DataConfig) -> str | None:
+    """How a run's evaluation decoded an image file, for `folder.decode_images(crop=...)`: the
+    streamed datasets' evaluation crop (crops.EVAL: shorter side to S * 256 / 224, centre S x
+    S), or None, the centred square every in-memory image folder is decoded with."""
+    if data.dataset in STREAMED_DATASETS:
+        from selfie.data.crops import EVAL
+
+        return EVAL
+    return None
+
+
+def data_facts(source: BatchSource) -> dict[str, Any]:
+    """What a run records of its training split (in config.json's "run" section, as "data"),
+    so that its model can be used without the data: class names and the normalisation."""
+    return {
+        "classes": list(source.classes),
+        "mean": [float(v) for v in source.mean],
+        "std": [float(v) for v in source.std],
+    }
+
+
 __all__ = [
     "BatchSource",
     "MemorySource",
     "TrainBatches",
     "TrainPlan",
+    "data_facts",
+    "eval_crop",
     "open_source",
     "open_unlabelled",
     "train_names",

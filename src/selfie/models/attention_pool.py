@@ -30,7 +30,28 @@ class AttentionPool(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
 
+    def sequence(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, V, D) -> (B, 1 + V, D): u0 prepended to the tokens."""
+        u0 = self.u0.expand(tokens.shape[0], 1, -1).to(tokens.dtype)
+        return torch.cat([u0, tokens], dim=1)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, V, D) tokens (vectors already plus positions) -> (B, D) summary u."""
-        u0 = self.u0.expand(tokens.shape[0], 1, -1).to(tokens.dtype)
-        return self.encoder(torch.cat([u0, tokens], dim=1))[:, 0]
+        return self.encoder(self.sequence(tokens))[:, 0]
+
+    def last_attention(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, V, D) tokens -> (B, 1 + V): the attention weights of u0's query over the
+        sequence [u0, tokens] in the last block, averaged over heads (eval mode: no dropout).
+
+        The blocks before the last run as the encoder runs them; the last block's own
+        self-attention (`self_attn`, an nn.MultiheadAttention) is then called once more on
+        that block's input with need_weights=True. In the post-LN layout (norm_first=False)
+        attention reads the block's input directly, so these are the weights the block's
+        forward pass used."""
+        x = self.sequence(tokens)
+        layers = list(self.encoder.layers)
+        for layer in layers[:-1]:
+            x = layer(x)
+        attn = layers[-1].self_attn
+        _, weights = attn(x, x, x, need_weights=True, average_attn_weights=True)
+        return weights[:, 0]  # (B, 1 + V): row 0 is u0's query

@@ -52,13 +52,17 @@ class AttentionClassifier(nn.Module):
         upsampled = F.interpolate(table[None], size=(height, width), mode="nearest")[0]
         return upsampled.flatten(1).transpose(0, 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, K) logits."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D): u, A's summary of the stage-3 map."""
         fmap = self.patch_net.forward_features(images)
         fmap = torch.relu(self.patch_net.norm(fmap))  # (B, D, h, w), P's final BN-ReLU
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, D)
         tokens = tokens + self.map_positions(*fmap.shape[2:]).to(tokens.dtype)
-        return self.head(self.pool(tokens))
+        return self.pool(tokens)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, K) logits."""
+        return self.head(self.features(images))
 
 
 def build_classifier(config: Config, head: str) -> nn.Module:

@@ -127,8 +127,11 @@ class ResNetV2(nn.Module):
             x = stage(x)
         return x
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, out_dim): final BN-ReLU, then the mean over positions."""
+        return torch.relu(self.norm(self.forward_features(x))).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, out_dim) pooled features, or (B, K) logits with a head."""
-        x = torch.relu(self.norm(self.forward_features(x)))
-        x = x.mean(dim=(2, 3))
+        x = self.features(x)
         return x if self.head is None else self.head(x)

@@ -54,10 +54,14 @@ class Selfie(nn.Module):
         flat = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         return self.patch_net(flat).reshape(b, n, -1)
 
+    def visible_tokens(self, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """h (B, N, D), visible (B, V) -> (B, V, D): A's input, the visible vectors plus
+        their positions."""
+        return gather_rows(h, visible) + self.positions_at(visible).to(h.dtype)
+
     def summarize(self, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """h (B, N, D), visible (B, V) -> u (B, D): A over the visible vectors plus positions."""
-        tokens = gather_rows(h, visible) + self.positions_at(visible).to(h.dtype)
-        return self.pool(tokens)
+        return self.pool(self.visible_tokens(h, visible))
 
     def score(self, u: torch.Tensor, h: torch.Tensor, masked: torch.Tensor) -> SelfieOutput:
         """All masked locations at once: logits[b, j, k] = <u_b + pos_{m_j}, h_{b, m_k}>."""
