@@ -246,7 +246,9 @@ def test_cifar10_download_extracts_and_cleans_up(
     monkeypatch.setattr(cifar10_module, "ARCHIVE_MD5", md5)
     root = tmp_path / "root"
     data = load_cifar10(root, train=False, download=True)
+    direct = load_cifar10(tmp_path / "src", train=False)  # the files the archive was made of
     assert len(data) == 20
+    assert torch.equal(data.images, direct.images) and torch.equal(data.labels, direct.labels)
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # archive gone
 
     monkeypatch.setattr(cifar10_module, "ARCHIVE_MD5", "0" * 32)

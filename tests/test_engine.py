@@ -161,7 +161,7 @@ def test_epoch_sampler_epochs_are_permutations():
         assert len(items) == 18 and len(set(items)) == 18
         assert set(items) <= set(range(20))
         epochs.append(items)
-    assert epochs[0] != epochs[1] != epochs[2]
+    assert len({tuple(e) for e in epochs}) == 3  # every epoch its own order
 
 
 def test_epoch_sampler_is_pure_in_seed_and_step():
