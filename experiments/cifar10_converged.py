@@ -8,8 +8,8 @@ Stages, in order, each skipped where its result lines are already committed:
 
 1. pretrain: P on all 50,000 training images for PRETRAIN_STEPS steps (4x the cifar10-cpu
    preset's 6,000, whose pretext accuracy was still rising), in results/cifar10-converged/
-   pretrain/ (a run folder: its newest checkpoint is committed while it is unfinished, so
-   another machine resumes it; model.safetensors once done).
+   pretrain/ (a run folder, committed once finished with its model.safetensors;
+   checkpoints stay out of git, so an interrupted pretraining resumes on the same machine only).
 2. converge (per fraction): both arms at finetuning lengths 600, 1200, 2400, ... steps of 128,
    2 seeds, LR SWEEP_LR, on the 90/10 split (validation accuracy; never the test set), until
    doubling the length adds less than 1 point to the scratch arm's mean validation accuracy
@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import logging
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from selfie import report
 from selfie.config import PAPER_LR_GRID, Config, get_preset
 from selfie.data.subsets import amount_label
 from selfie.device import cpu_bf16_emulated
+from selfie.errors import UserError
 from selfie.experiment import Runtime, finished_summary, run_finetune, run_pretrain
 from selfie.finetune import FinetuneSpec
 from selfie.runfolder import write_json
@@ -369,9 +371,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bf16 = not args.fp32 and cpu_bf16_emulated() is None
     rt = Runtime(data_dir=args.data_dir, device="cpu", bf16=bf16, progress=False)
-    Runner(base_config(), OUT, RUNS, rt, args.hours).run(
-        [float(f) for f in args.fractions.split(",")]
-    )
+    fractions = [float(f) for f in args.fractions.split(",")]
+    try:
+        Runner(base_config(), OUT, RUNS, rt, args.hours).run(fractions)
+    except UserError as e:  # Interrupted too: one line with the step; rerun this to resume
+        print(f"cifar10_converged: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
