@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import profile, supported_activities
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,6 +56,25 @@ def median_seconds(
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_seconds(
+    fns: list[Callable[[], object]], warmup: int, reps: int, device: torch.device = CPU
+) -> list[float]:
+    """Median seconds of each of `fns`, timed in turn within every repetition, so a drift of
+    the machine's speed (a shared VM's) weighs on all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times, strict=True):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
 def flops_of(fn: Callable[[], None]) -> int:
@@ -137,11 +157,8 @@ def main() -> None:
     resnet = place(build_classifier(config, "resnet50"), device)
     opt_s = make_sgd(selfie, 0.01, 0.9, 1e-4)
     opt_r = make_sgd(resnet, 0.01, 0.9, 1e-4)
-    run_selfie, run_resnet = selfie, resnet
-    if args.compile:
-        run_selfie, run_resnet = torch.compile(selfie), torch.compile(resnet)
 
-    def step(model, opt, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step(opt, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             with autocast(device, bf16=args.bf16):
                 loss = loss_fn()
@@ -151,21 +168,39 @@ def main() -> None:
 
         return run
 
-    def pretext_loss() -> torch.Tensor:
-        out = run_selfie(x, vis, masked)
-        return selfie_loss(out.logits, out.targets)
+    def steps(run_selfie: nn.Module, run_resnet: nn.Module) -> dict[str, Callable[[], None]]:
+        """A pretraining and a supervised step calling these modules (the eager ones, or the
+        same weights compiled)."""
 
-    pretrain_step = step(selfie, opt_s, pretext_loss)
-    supervised_step = step(resnet, opt_r, lambda: F.cross_entropy(run_resnet(x).float(), labels))
+        def pretext_loss() -> torch.Tensor:
+            out = run_selfie(x, vis, masked)
+            return selfie_loss(out.logits, out.targets)
+
+        def supervised_loss() -> torch.Tensor:
+            return F.cross_entropy(run_resnet(x).float(), labels)
+
+        return {"pretrain": step(opt_s, pretext_loss), "supervised": step(opt_r, supervised_loss)}
+
+    eager = steps(selfie, resnet)
+    timed = eager
+    speedup: dict[str, float] = {}
+    if args.compile:
+        timed = steps(torch.compile(selfie), torch.compile(resnet))
+        # Eager and compiled steps of the same weights in turn (the first compiled calls
+        # build the graphs): the speed-up is a ratio measured in one run.
+        for name in timed:
+            pair = [eager[name], timed[name]]
+            eager_s, compiled_s = interleaved_seconds(pair, 3, args.reps, device)
+            speedup[f"compile_speedup_{name}"] = eager_s / compiled_s
 
     if args.profile:
-        for name, fn in (("pretrain", pretrain_step), ("supervised", supervised_step)):
+        for name, fn in timed.items():
             print_profile(name, fn, args.profile)
-    t_pre = median_seconds(pretrain_step, 3, args.reps, device)
-    t_sup = median_seconds(supervised_step, 3, args.reps, device)
+    t_pre = median_seconds(timed["pretrain"], 3, args.reps, device)
+    t_sup = median_seconds(timed["supervised"], 3, args.reps, device)
     t_batch = median_seconds(batch, 3, args.reps * 3, device)
     # FLOPs are counted on the eager models: the compiled graph does the same arithmetic.
-    run_selfie, run_resnet = selfie, resnet
+    pretrain_step, supervised_step = eager["pretrain"], eager["supervised"]
     f_pre, f_sup = flops_of(pretrain_step), flops_of(supervised_step)
     peak = matmul_peak(torch.bfloat16 if args.bf16 else torch.float32, device)
     disk = disk_images_per_s(args.data_dir)
@@ -188,7 +223,7 @@ def main() -> None:
         "supervised_mfu": f_sup / t_sup / peak,
         "loader_images_per_s": b / t_batch,
         "disk_images_per_s": disk,
-    }
+    } | speedup
     for key, value in result.items():
         print(f"{key:>28}: {value:.4g}" if isinstance(value, float) else f"{key:>28}: {value}")
     print(json.dumps(result))

@@ -16,27 +16,43 @@ Stages, in order, each skipped where its result lines are already committed:
    and the scratch arm fits its training subset (>= 99% on its last training batches).
 3. tune (per fraction and arm): the peak LR at the converged length, one seed, starting from
    {0.05, 0.1, 0.2} and extended along the paper's grid (and beyond it) while the best value
-   lies on an edge; ties go to the smaller LR.
+   lies on an edge, better than every other (a tie ends the search); the chosen LR is the
+   best, ties going to an inner value, then to the smaller LR.
+   The sweep's own LR-SWEEP_LR seed-0 run at that length is that LR's tuning run.
 4. final (per fraction): 5 seeds per arm on the whole subset, test accuracy.
+5. ablation (after every fraction): P pretrained again with reflect padding instead of zeros
+   (no black border to tell a patch's position), in pretrain-reflect/, then the 8% pretrained
+   arm's 5 final seeds from it, at 8%'s length and its pretrained arm's LR; finetuning keeps
+   zero padding, as everywhere. ablation.jsonl, ablation.md.
+6. Table 2: the attention-pooling head at 8%, both arms, at 8%'s length, its LR tuned as in
+   stage 3, 5 seeds (results.jsonl, head "attention").
 
 Result lines (committed as they come): convergence.jsonl (every stage-2 run), tuning.jsonl,
-results.jsonl; derived files: convergence.csv, table.md/.csv, figure.png, gain.png. Run
-folders go to runs/cifar10-converged/ (ignored): a run interrupted there resumes on the same
-machine and restarts on another. bf16 autocast where the CPU has native bf16, else fp32; every
-line records which.
+results.jsonl, ablation.jsonl; derived files: convergence.csv, table.md/.csv, figure.png,
+gain.png, loss_vs_acc.png, ablation.md. Run folders go to runs/cifar10-converged/ (ignored): a
+run interrupted there resumes on the same machine and restarts on another. bf16 autocast where
+the CPU has native bf16, else fp32; finetuning runs torch.compile'd (--no-compile: eager);
+every line records both.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
+import platform
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
+from scipy import stats
 
 from selfie import report
 from selfie.config import PAPER_LR_GRID, Config, get_preset
@@ -59,8 +75,27 @@ SWEEP_SEEDS = (0, 1)
 CONVERGED_GAIN = 0.01  # doubling adds less than 1 point of validation accuracy
 FITS_TRAINING = 0.99
 FIRST_LRS = (0.05, 0.1, 0.2)
+MIN_LR, MAX_LR = 1e-4, 6.4  # where the LR search gives up extending
 FINAL_SEEDS = (0, 1, 2, 3, 4)
 ARMS = ("scratch", "pretrained")
+ABLATION_FRACTION = 0.08  # the ablation and Table 2: the paper's headline CIFAR-10 cell
+
+
+@functools.cache
+def machine() -> dict[str, Any]:
+    """Where a result line was measured: the CPU model, the kernels torch runs, its threads,
+    and the commit of this repository (None outside a git checkout)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    model = names[0] if names else platform.processor()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {
+        "cpu": model,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "commit": git.stdout.strip() or None,
+    }
 
 
 def base_config() -> Config:
@@ -108,22 +143,31 @@ def converged_length(
 
 
 def next_lr(scores: dict[float, float]) -> float | None:
-    """The next LR to try given validation accuracy per tried LR, or None when the best (a tie
-    going to the smaller LR) lies strictly inside the tried values."""
+    """The next LR to try given validation accuracy per tried LR: the grid's next value past
+    an edge whose score beats every other (the paper's grid, then halving or doubling); None
+    when no edge does (a tie with an inner value ends the search) or past [MIN_LR, MAX_LR]."""
     tried = sorted(scores)
-    best = max(tried, key=lambda lr: (scores[lr], -lr))
     grid = sorted(set(PAPER_LR_GRID) | set(tried))
-    if best == tried[0]:
-        lower = [lr for lr in grid if lr < best]
-        return lower[-1] if lower else best / 2
-    if best == tried[-1]:
-        higher = [lr for lr in grid if lr > best]
-        return higher[0] if higher else best * 2
-    return None
+    nxt = None
+    if all(scores[tried[0]] > scores[lr] for lr in tried[1:]):
+        lower = [lr for lr in grid if lr < tried[0]]
+        nxt = lower[-1] if lower else tried[0] / 2
+    elif all(scores[tried[-1]] > scores[lr] for lr in tried[:-1]):
+        higher = [lr for lr in grid if lr > tried[-1]]
+        nxt = higher[0] if higher else tried[-1] * 2
+    return nxt if nxt is not None and MIN_LR <= nxt <= MAX_LR else None
 
 
 def chosen_lr(scores: dict[float, float]) -> float:
-    return max(scores, key=lambda lr: (scores[lr], -lr))
+    """The best LR; a tie goes to an inner value, then to the smaller LR."""
+    tried = sorted(scores)
+    edges = {tried[0], tried[-1]}
+    return max(tried, key=lambda lr: (scores[lr], lr not in edges, -lr))
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -176,28 +220,46 @@ class Runner:
         self.sweep = Ledger(out / "convergence.jsonl")
         self.tuning = Ledger(out / "tuning.jsonl")
         self.results = Ledger(out / "results.jsonl")
+        self.ablation = Ledger(out / "ablation.jsonl")
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def pretrain(self) -> None:
-        if finished_summary(self.out / "pretrain") is None:
-            log.info("pretraining %d steps", self.config.pretrain.steps)
-            run_pretrain(self.config, self.out / "pretrain", self.rt)
+    def pretrain(self, folder: Path, config: Config) -> None:
+        """Pretraining runs at the runtime's precision, eager (the run as it was started)."""
+        if finished_summary(folder) is None:
+            log.info("pretraining %s: %d steps", folder, config.pretrain.steps)
+            run_pretrain(config, folder, replace(self.rt, compile=False))
 
     def finetune(
-        self, stage: str, fraction: float, arm: str, steps: int, lr: float, seed: int
+        self,
+        stage: str,
+        fraction: float,
+        arm: str,
+        steps: int,
+        lr: float,
+        seed: int,
+        head: str = "resnet50",
+        weights: str | None = None,
     ) -> dict[str, Any]:
-        """One finetuning run's summary (validation accuracy unless stage is "final")."""
+        """One finetuning run's summary (validation accuracy in the stages "converge" and
+        "tune", test accuracy otherwise), from `weights` (default: the main pretraining's) for
+        the pretrained arm."""
         f = replace(self.config.finetune, steps=steps, lr=lr, seed=seed)
         config = replace(self.config, finetune=f)
         spec = FinetuneSpec(
             fraction,
-            init=self.weights if arm == "pretrained" else None,
-            validation=stage != "final",
+            head=head,
+            init=(weights or self.weights) if arm == "pretrained" else None,
+            validation=stage in ("converge", "tune"),
         )
+        name = f"{head}-" if head != "resnet50" else ""
         folder = (
-            self.runs / stage / amount_label(fraction) / arm / f"steps{steps}-lr{lr:g}-seed{seed}"
+            self.runs
+            / stage
+            / amount_label(fraction)
+            / arm
+            / f"{name}steps{steps}-lr{lr:g}-seed{seed}"
         )
         t0 = time.monotonic()
         s = run_finetune(config, spec, folder, self.rt)
@@ -219,10 +281,12 @@ class Runner:
             "train_images",
             "train_seconds_this_session",
             "bf16",
+            "compile",
         )
         row = {k: s[k] for k in keep}
         row["fraction"] = fraction  # the asked fraction, the key (s["fraction"] is measured)
         row["measured_fraction"] = s["fraction"]
+        row |= {"wall_s": round(time.monotonic() - t0, 1)} | machine()
         return row | {k: s[k] for k in ("val_acc", "val_images", "test_acc") if k in s}
 
     def converge(self, fraction: float) -> int | None:
@@ -242,33 +306,51 @@ class Runner:
             length *= 2
         return chosen
 
-    def tune(self, fraction: float, arm: str, steps: int) -> float | None:
+    def tune(self, fraction: float, arm: str, steps: int, head: str = "resnet50") -> float | None:
         label = amount_label(fraction)
         scores: dict[float, float] = {}
         todo: list[float] = list(FIRST_LRS)
         while todo:
             lr = todo.pop(0)
-            row = self.tuning.find(labels=label, arm=arm, lr=lr, steps=steps)
+            row = self.tuning.find(head=head, labels=label, arm=arm, lr=lr, steps=steps)
+            sweep = self.sweep.find(fraction=fraction, arm=arm, steps=steps, lr=lr, seed=0)
+            if row is None and head == "resnet50" and sweep is not None:
+                row = {"head": head, "labels": label, "from": "convergence"} | sweep
+                self.tuning.add(row)  # the same run: its seed, length, LR and split
             if row is None:
                 if self.out_of_time():
                     return None
-                s = self.finetune("tune", fraction, arm, steps, lr, seed=0)
-                row = {"head": "resnet50", "labels": label} | s
+                s = self.finetune("tune", fraction, arm, steps, lr, seed=0, head=head)
+                row = {"head": head, "labels": label} | s
                 self.tuning.add(row)
             scores[lr] = row["val_acc"]
             if not todo and (nxt := next_lr(scores)) is not None:
                 todo.append(nxt)
         return chosen_lr(scores)
 
-    def final(self, fraction: float, arm: str, steps: int, lr: float) -> bool:
+    def final(
+        self,
+        fraction: float,
+        arm: str,
+        steps: int,
+        lr: float,
+        head: str = "resnet50",
+        ledger: Ledger | None = None,
+        weights: str | None = None,
+        stage: str = "final",
+    ) -> bool:
+        """The 5 final seeds of (fraction, arm, head) into `ledger` (default: results), run
+        folders under runs/`stage`/."""
+        ledger = ledger or self.results
         label = amount_label(fraction)
         for seed in FINAL_SEEDS:
-            if self.results.find(labels=label, arm=arm, seed=seed) is None:
+            if ledger.find(head=head, labels=label, arm=arm, seed=seed) is None:
                 if self.out_of_time():
                     return False
-                s = self.finetune("final", fraction, arm, steps, lr, seed)
-                run = f"final/{label}/{arm}/steps{steps}-lr{lr:g}-seed{seed}"
-                self.results.add({"head": "resnet50", "labels": label, "run": run} | s)
+                s = self.finetune(stage, fraction, arm, steps, lr, seed, head, weights)
+                name = f"{head}-" if head != "resnet50" else ""
+                run = f"{stage}/{label}/{arm}/{name}steps{steps}-lr{lr:g}-seed{seed}"
+                ledger.add({"head": head, "labels": label, "run": run} | s)
         return True
 
     def write_convergence(self) -> None:
@@ -288,18 +370,84 @@ class Runner:
             self.figures()
 
     def _run(self, fractions: list[float]) -> None:
-        self.pretrain()
+        self.pretrain(self.out / "pretrain", self.config)
+        lengths: dict[float, int] = {}
         for fraction in fractions:
             steps = self.converge(fraction)
             if steps is None:
                 log.info("stopped in the convergence sweep at %g", fraction)
                 return
             log.info("%g: converged at %d steps", fraction, steps)
+            lengths[fraction] = steps
             for arm in ARMS:
                 lr = self.tune(fraction, arm, steps)
                 if lr is None or not self.final(fraction, arm, steps, lr):
                     log.info("stopped at %g %s", fraction, arm)
                     return
+        if ABLATION_FRACTION not in lengths:
+            return
+        steps = lengths[ABLATION_FRACTION]
+        if not self.ablate(steps) or not self.table2(steps):
+            log.info("stopped in the ablation or Table 2")
+
+    def ablate(self, steps: int) -> bool:
+        """Stage 5: the pretrained arm at 8% from a P pretrained with reflect padding."""
+        lr = self.tune(ABLATION_FRACTION, "pretrained", steps)  # done: read from tuning.jsonl
+        assert lr is not None
+        folder = self.out / "pretrain-reflect"
+        d = self.config.data
+        self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
+        weights = str(folder / "model.safetensors")
+        done = self.final(
+            ABLATION_FRACTION,
+            "pretrained",
+            steps,
+            lr,
+            ledger=self.ablation,
+            weights=weights,
+            stage="ablation",
+        )
+        self.write_ablation()
+        return done
+
+    def table2(self, steps: int) -> bool:
+        """Stage 6: the attention-pooling head at 8%, both arms."""
+        for arm in ARMS:
+            lr = self.tune(ABLATION_FRACTION, arm, steps, head="attention")
+            if lr is None or not self.final(ABLATION_FRACTION, arm, steps, lr, "attention"):
+                return False
+        return True
+
+    def write_ablation(self) -> None:
+        """ablation.md: test accuracy at 8% of the scratch arm, P with zero padding (the
+        paper's) and P with reflect padding, and reflect against zero with Welch's p."""
+        label = amount_label(ABLATION_FRACTION)
+
+        def accs(ledger: Ledger, arm: str) -> list[float]:
+            key = ("resnet50", label, arm)
+            rows = [r for r in ledger.rows if (r["head"], r["labels"], r["arm"]) == key]
+            return [100 * r["test_acc"] for r in rows]
+
+        arms = {
+            "scratch": accs(self.results, "scratch"),
+            "P pretrained with zero padding (the paper's)": accs(self.results, "pretrained"),
+            "P pretrained with reflect padding": accs(self.ablation, "pretrained"),
+        }
+        lines = [
+            f"# Ablation: the padding border cue ({label} labels, test accuracy %)",
+            "",
+            "| arm | n | mean ± std |",
+            "| --- | --- | --- |",
+        ]
+        for name, values in arms.items():
+            if values:
+                lines.append(f"| {name} | {len(values)} | {mean_std(values)} |")
+        zero, reflect = list(arms.values())[1:]
+        if len(zero) > 1 and len(reflect) > 1:
+            p = stats.ttest_ind(reflect, zero, equal_var=False).pvalue
+            diff = statistics.mean(reflect) - statistics.mean(zero)
+            lines += ["", f"reflect - zero: {diff:+.2f} points, Welch p = {p:.3g}"]
+        (self.out / "ablation.md").write_text("\n".join(lines) + "\n")
 
     def figures(self) -> None:
         """gain.png: validation accuracy of both arms against finetuning length, per fraction;
@@ -367,10 +515,21 @@ def main() -> None:
         "--data-dir", default="../shared/data/cifar10", help="CIFAR-10 (python version)"
     )
     parser.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is native")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="finetune eagerly (default: torch.compile, 1.19x the eager finetuning steps here)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     bf16 = not args.fp32 and cpu_bf16_emulated() is None
-    rt = Runtime(data_dir=args.data_dir, device="cpu", bf16=bf16, progress=False)
+    rt = Runtime(
+        data_dir=args.data_dir,
+        device="cpu",
+        bf16=bf16,
+        progress=False,
+        compile=not args.no_compile,
+    )
     fractions = [float(f) for f in args.fractions.split(",")]
     try:
         Runner(base_config(), OUT, RUNS, rt, args.hours).run(fractions)

@@ -81,6 +81,21 @@ def test_validate_rejects_patch_size_not_dividing_image():
         validate(apply_overrides(get_preset("tiny"), ["data.patch_size=7"]))
 
 
+@pytest.mark.parametrize(
+    ("item", "needle"),
+    [
+        ("data.pad_mode=edge", "data.pad_mode must be 'zero' or 'reflect', not 'edge'"),
+        ("data.pad=40", "data.pad=40 must be smaller than the image to reflect it"),
+    ],
+)
+def test_validate_rejects_bad_pad_mode(item, needle):
+    """Padding is zeros or a reflection, and a reflection needs the pad inside the image."""
+    config = apply_overrides(get_preset("tiny"), ["data.pad_mode=reflect", item])
+    with pytest.raises(UserError, match=re.escape(needle)):
+        validate(config)
+    assert validate(apply_overrides(get_preset("tiny"), ["data.pad_mode=reflect"]))
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.99, 0.0])
 def test_validate_rejects_visible_fraction_without_masked_or_visible(fraction):
     """A visible fraction that leaves no masked (or no visible) patch is refused."""

@@ -66,9 +66,15 @@ def test_next_lr_extends_the_grid_until_the_best_is_inside():
     assert nxt({0.05: 0.6, 0.1: 0.65, 0.2: 0.66, 0.4: 0.7}) == 0.8  # and beyond it
     assert nxt({0.05: 0.7, 0.1: 0.65, 0.2: 0.6}) == 0.02
     assert nxt({0.01: 0.7, 0.02: 0.6}) == 0.005
-    # A tie goes to the smaller LR, here the lower edge.
-    assert nxt({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) == 0.02
-    assert converged.chosen_lr({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) == 0.05
+    # An edge tied with an inner value ends the search, and the inner value is chosen.
+    assert nxt({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) is None
+    assert converged.chosen_lr({0.05: 0.7, 0.1: 0.7, 0.2: 0.6}) == 0.1
+    assert converged.chosen_lr({0.05: 0.6, 0.1: 0.7, 0.2: 0.7, 0.4: 0.7}) == 0.1
+    assert nxt({0.05: 0.7, 0.1: 0.7, 0.2: 0.7}) is None  # flat: no direction to go
+    # The search gives up past MIN_LR and MAX_LR.
+    assert nxt({0.0002: 0.7, 0.0004: 0.6, 0.0008: 0.5}) == 0.0001
+    assert nxt({0.0001: 0.7, 0.0002: 0.6, 0.0004: 0.5}) is None
+    assert nxt({1.6: 0.5, 3.2: 0.6, 6.4: 0.7}) is None
 
 
 def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
@@ -76,6 +82,7 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     out, runs = tmp_path / "out", tmp_path / "runs"
     rt = Runtime(device="cpu", progress=False)
     monkeypatch.setattr(converged, "FINAL_SEEDS", (0, 1))
+    monkeypatch.setattr(converged, "ABLATION_FRACTION", 0.5)  # stages 5 and 6 run too
 
     def runner():
         return converged.Runner(tiny, out, runs, rt, first=2, last=4)
@@ -87,6 +94,9 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
         (n, arm, seed) for n in (2, 4) for arm in ("scratch", "pretrained") for seed in (0, 1)
     )
     assert all("val_acc" in r and "test_acc" not in r for r in sweep)
+    assert all(
+        {"cpu", "cpu_kernels", "threads", "commit", "wall_s", "compile"} <= r.keys() for r in sweep
+    )
     table = list(csv.DictReader((out / "convergence.csv").open()))
     assert [r["steps"] for r in table] == ["2", "4", "2", "4"]
     assert {r["n"] for r in table} == {"2"}
@@ -96,11 +106,34 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
         scores = {r["lr"]: r["val_acc"] for r in tuning if r["arm"] == arm}
         assert {0.05, 0.1, 0.2} <= set(lrs) and converged.next_lr(scores) is None
         assert all(r["steps"] == 4 for r in tuning)
+    # LR 0.1's tuning run is the sweep's seed-0 run at the converged length, not a rerun.
+    reused = [r for r in tuning if r.get("from") == "convergence"]
+    assert sorted((r["head"], r["arm"], r["lr"]) for r in reused) == [
+        ("resnet50", "pretrained", 0.1),
+        ("resnet50", "scratch", 0.1),
+    ]
+    assert {r["head"] for r in tuning} == {"resnet50", "attention"}  # Table 2's own LR search
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(results) == 4 and all("test_acc" in r and r["steps"] == 4 for r in results)
+    assert sorted((r["head"], r["arm"]) for r in results) == sorted(
+        (head, arm)
+        for head in ("resnet50", "attention")
+        for arm in ("scratch", "pretrained")
+        for _ in (0, 1)
+    )
+    assert all("test_acc" in r and r["steps"] == 4 for r in results)
     for name in ("table.md", "table.csv", "figure.png", "gain.png", "loss_vs_acc.png"):
         assert (out / name).stat().st_size > 0, name
+    assert "Table 2" in (out / "table.md").read_text()
     assert (out / "pretrain" / "model.safetensors").is_file()
+    # The ablation: P pretrained again with reflect padding; its arm finetunes with zeros.
+    reflect = json.loads((out / "pretrain-reflect" / "config.json").read_text())
+    assert reflect["config"]["data"]["pad_mode"] == "reflect"
+    ablation = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["seed"]) for r in ablation] == [("pretrained", 0), ("pretrained", 1)]
+    run = json.loads((runs / ablation[0]["run"] / "config.json").read_text())
+    assert run["config"]["data"]["pad_mode"] == "zero"
+    assert str(out / "pretrain-reflect") in run["run"]["finetune"]["init"]
+    assert "reflect - zero" in (out / "ablation.md").read_text()
 
     # A second runner finds every line and runs nothing.
     import selfie.experiment

@@ -62,12 +62,22 @@ def test_flip_only_mirrors_some_images_and_keeps_the_rest() -> None:
     assert 0 < int(mirrored.sum()) < 64  # both outcomes occur, roughly half each
 
 
-def test_every_output_is_a_window_of_the_padded_input() -> None:
+def reflected(k: int, n: int) -> int:
+    """Index of padded coordinate k (0 = the first pixel of the image) after reflection."""
+    return -k if k < 0 else 2 * (n - 1) - k if k >= n else k
+
+
+@pytest.mark.parametrize("mode", ["zero", "reflect"])
+def test_every_output_is_a_window_of_the_padded_input(mode: str) -> None:
     pad, b = 2, 48
     x = random_images(b=b, h=6, w=7)
-    out = pad_crop_flip(x, pad, True, torch.Generator().manual_seed(3))
+    out = pad_crop_flip(x, pad, True, torch.Generator().manual_seed(3), mode)
     padded = torch.zeros(b, 3, 6 + 2 * pad, 7 + 2 * pad, dtype=torch.uint8)
     padded[:, :, pad : pad + 6, pad : pad + 7] = x
+    if mode == "reflect":  # naive reference: every padded pixel mirrors one of the image
+        for i in range(6 + 2 * pad):
+            for j in range(7 + 2 * pad):
+                padded[:, :, i, j] = x[:, :, reflected(i - pad, 6), reflected(j - pad, 7)]
     seen = set()
     for i in range(b):  # naive reference: try every window and both orientations
         matches = [
@@ -86,6 +96,15 @@ def test_every_output_is_a_window_of_the_padded_input() -> None:
         seen.update(matches)
     assert len({(oy, ox) for oy, ox, _ in seen}) > 5  # offsets vary from image to image
     assert {m for _, _, m in seen} == {False, True}
+
+
+def test_reflect_padding_leaves_no_border_to_see() -> None:
+    """The border cue: a white image keeps zero pixels in some crops with zero padding and
+    none with reflect padding (the pretraining ablation of issue 11)."""
+    white = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
+    zero = pad_crop_flip(white, 4, True, torch.Generator().manual_seed(0), "zero")
+    reflect = pad_crop_flip(white, 4, True, torch.Generator().manual_seed(0), "reflect")
+    assert bool((zero == 0).any()) and bool((reflect == 255).all())
 
 
 def test_channel_stats_matches_direct_computation() -> None:

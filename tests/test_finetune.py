@@ -312,6 +312,20 @@ def pretrain_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+def test_compiled_finetuning_trains_the_plain_model(tmp_path: Path, capsys):
+    """--compile trains through torch.compile (the convergence runner's default): the summary
+    says so, the loss is finite, and the exported weights are the plain model's keys."""
+    out = tmp_path / "run"
+    args = ["finetune", "--preset", "tiny", "--labels", "3", "--scratch", "--compile"]
+    code, _, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compile"] is True and summary["final_loss"] == summary["final_loss"]
+    keys = set(load_file(out / "model.safetensors"))
+    assert keys == set(build_classifier(tiny(), "resnet50").state_dict())
+
+
 def test_finetune_scratch_writes_run_folder(tmp_path: Path, capsys):
     """--scratch trains and writes config, metrics, checkpoints, summary with test_acc."""
     out = tmp_path / "run"

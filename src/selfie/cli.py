@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR", help="dataset root (see `selfie pretrain -h`)")
     p.add_argument("--download", action="store_true", help="fetch the dataset if missing")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each run's model (slow first steps)"
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     _add_workers_arg(p)
 
@@ -422,6 +425,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         sys.stderr.isatty(),
         hint,
         workers=args.workers,
+        compile=args.compile,
     )
     cells = run_experiment(validate(config), plan, out, runtime)
     print(table_markdown(cells, heads[0], config.data.dataset))

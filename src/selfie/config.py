@@ -43,6 +43,9 @@ class DataConfig:
     image_size: int = 32
     patch_size: int = 8  # SPEC 3: 8 px on 32-px images, 32 px on 224-px images
     pad: int = 4  # SPEC 3: zero-pad 4 then random crop (32-px images)
+    # "zero" (SPEC 3, the paper's) or "reflect": the image mirrored at its edges, which leaves
+    # no black border telling a patch where it sits (the ablation of issue 11)
+    pad_mode: str = "zero"
     flip: bool = True  # SPEC 7: random horizontal flip before patching
     num_classes: int = 10
 
@@ -314,6 +317,10 @@ def validate(config: Config) -> Config:
         raise UserError(f"model.stem must be 'cifar' or 'imagenet', not '{m.stem}'")
     if m.position not in ("cell", "rowcol"):
         raise UserError(f"model.position must be 'cell' or 'rowcol', not '{m.position}'")
+    if d.pad_mode not in ("zero", "reflect"):
+        raise UserError(f"data.pad_mode must be 'zero' or 'reflect', not '{d.pad_mode}'")
+    if d.pad_mode == "reflect" and d.pad >= d.image_size:
+        raise UserError(f"data.pad={d.pad} must be smaller than the image to reflect it")
     if len(m.layers) != 4 or len(m.widths) != 4:
         raise UserError("model.layers and model.widths need 4 entries, one per ResNet stage")
     if m.patch_dim % m.attn_heads:

@@ -65,6 +65,7 @@ class Runtime:
     progress: bool = True
     resume_hint: str | None = None  # the experiment's own command, quoted on interruption
     workers: int | None = None  # decoding processes of a streamed dataset
+    compile: bool = False  # torch.compile each run's training model
 
 
 def _options(folder: Path, rt: Runtime) -> RunOptions:
@@ -82,6 +83,7 @@ def _options(folder: Path, rt: Runtime) -> RunOptions:
         progress=rt.progress,
         resume_hint=rt.resume_hint,
         workers=rt.workers,
+        compile=rt.compile,
     )
 
 

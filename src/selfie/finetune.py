@@ -194,6 +194,7 @@ def finetune(config: Config | None, spec: FinetuneSpec | None, opts: RunOptions)
             "train_seconds_this_session": seconds,
             "device": str(device),
             "processes": info.world_size,
+            "compile": opts.compile,
             **precision,
         }
         if spec.validation:

@@ -232,6 +232,7 @@ def pretrain(config: Config | None, opts: RunOptions) -> dict[str, Any]:
             "train_seconds_this_session": train_seconds,
             "device": str(device),
             "processes": info.world_size,
+            "compile": opts.compile,
             **precision,
         }
         run.write_summary(summary)

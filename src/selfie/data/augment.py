@@ -59,8 +59,11 @@ def pad_crop_flip(
     pad: int,
     flip: bool,
     generator: torch.Generator | None = None,
+    mode: str = "zero",
 ) -> torch.Tensor:
-    """Zero-pad by `pad`, crop a random HxW window per image, mirror half of them if `flip`.
+    """Pad by `pad`, crop a random HxW window per image, mirror half of them if `flip`.
+    The padding is zeros (mode "zero", the paper's) or the image mirrored at its edges (mode
+    "reflect": no black border to give a crop's offset away).
 
     (B, C, H, W) -> (B, C, H, W), same dtype and device. The window offsets (oy, ox) are
     uniform in [0, 2 * pad]; each image is mirrored left-right with probability 1/2. Crop
@@ -74,7 +77,8 @@ def pad_crop_flip(
         return images
     b, c, h, w = images.shape
     device = images.device
-    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images  # (B, C, H+2p, W+2p)
+    fill = {"zero": "constant", "reflect": "reflect"}[mode]
+    padded = F.pad(images, (pad, pad, pad, pad), mode=fill) if pad else images  # (B, C, H+2p, W+2p)
 
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=device)

@@ -102,10 +102,11 @@ class BatchSource(Protocol):
 
 
 class MemorySource:
-    """An ImageSet as a BatchSource; augmentation is pad_crop_flip(pad, flip) on the device."""
+    """An ImageSet as a BatchSource; augmentation is pad_crop_flip(pad, flip, pad_mode) on the
+    device."""
 
-    def __init__(self, data: ImageSet, pad: int, flip: bool) -> None:
-        self.data, self.pad, self.flip = data, pad, flip
+    def __init__(self, data: ImageSet, pad: int, flip: bool, pad_mode: str = "zero") -> None:
+        self.data, self.pad, self.flip, self.pad_mode = data, pad, flip, pad_mode
         self.classes, self.labels = data.classes, data.labels
 
     def __len__(self) -> int:
@@ -143,7 +144,7 @@ class MemorySource:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device)
             if generator is not None:  # lazily, so it draws in turn with the caller's masks
-                x = pad_crop_flip(x, self.pad, self.flip, generator)
+                x = pad_crop_flip(x, self.pad, self.flip, generator, self.pad_mode)
             yield x, labels[start : start + batch_size].to(device)
 
     def spread(self, count: int) -> torch.Tensor:
@@ -164,7 +165,8 @@ class MemoryBatches:
 
     def get(self, step: int, rows: slice, generator: torch.Generator) -> Batch:
         idx = self.pool[self.sampler.batch(step).to(self.device)]  # (B,)
-        x = pad_crop_flip(self.images[idx], self.source.pad, self.source.flip, generator)
+        s = self.source
+        x = pad_crop_flip(self.images[idx], s.pad, s.flip, generator, s.pad_mode)
         return x[rows], self.labels[idx[rows]]
 
     def close(self) -> None:
@@ -198,7 +200,7 @@ def open_source(
             ", ".join(STREAMED_DATASETS),
         )
     images = load_dataset(data.dataset, split, data_dir, data.image_size, download)
-    return MemorySource(images, data.pad, data.flip)
+    return MemorySource(images, data.pad, data.flip, data.pad_mode)
 
 
 def train_names(data: DataConfig, data_dir: str | Path | None) -> list[str] | None:
@@ -238,7 +240,7 @@ def open_unlabelled(
     if workers is not None:
         log.warning("--workers %d: unlabelled images are held in memory, not streamed", workers)
     images = folder.load_unlabelled(unlabelled_dir, data.image_size)
-    return MemorySource(images, data.pad, data.flip)
+    return MemorySource(images, data.pad, data.flip, data.pad_mode)
 
 
 def _refuse_test_images(unlabelled: Path, data_dir: Path) -> None:
