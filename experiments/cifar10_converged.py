@@ -170,6 +170,14 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
+def run_name(
+    stage: str, fraction: float, arm: str, steps: int, lr: float, seed: int, head: str
+) -> str:
+    """A run's folder below runs/cifar10-converged/."""
+    name = f"{head}-" if head != "resnet50" else ""
+    return f"{stage}/{amount_label(fraction)}/{arm}/{name}steps{steps}-lr{lr:g}-seed{seed}"
+
+
 # --- running ---------------------------------------------------------------------------------
 
 
@@ -253,14 +261,7 @@ class Runner:
             init=(weights or self.weights) if arm == "pretrained" else None,
             validation=stage in ("converge", "tune"),
         )
-        name = f"{head}-" if head != "resnet50" else ""
-        folder = (
-            self.runs
-            / stage
-            / amount_label(fraction)
-            / arm
-            / f"{name}steps{steps}-lr{lr:g}-seed{seed}"
-        )
+        folder = self.runs / run_name(stage, fraction, arm, steps, lr, seed, head)
         t0 = time.monotonic()
         s = run_finetune(config, spec, folder, self.rt)
         log.info(
@@ -348,8 +349,7 @@ class Runner:
                 if self.out_of_time():
                     return False
                 s = self.finetune(stage, fraction, arm, steps, lr, seed, head, weights)
-                name = f"{head}-" if head != "resnet50" else ""
-                run = f"{stage}/{label}/{arm}/{name}steps{steps}-lr{lr:g}-seed{seed}"
+                run = run_name(stage, fraction, arm, steps, lr, seed, head)
                 ledger.add({"head": head, "labels": label, "run": run} | s)
         return True
 
