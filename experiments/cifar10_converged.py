@@ -221,6 +221,7 @@ class Runner:
         self.config, self.out, self.runs, self.rt = config, out, runs, rt
         self.deadline = time.monotonic() + 3600 * hours
         self.first, self.last = first, last
+        machine()  # the commit as the runner starts
         self.weights = str(out / "pretrain" / "model.safetensors")
         out.mkdir(parents=True, exist_ok=True)
         # report.write_report reads the dataset (for the paper's columns) from here.
@@ -304,6 +305,7 @@ class Runner:
                             self.finetune("converge", fraction, arm, length, SWEEP_LR, seed)
                         )
                         self.write_convergence()
+                        self.figures()
             length *= 2
         return chosen
 
@@ -351,6 +353,7 @@ class Runner:
                 s = self.finetune(stage, fraction, arm, steps, lr, seed, head, weights)
                 run = run_name(stage, fraction, arm, steps, lr, seed, head)
                 ledger.add({"head": head, "labels": label, "run": run} | s)
+                self.figures()
         return True
 
     def write_convergence(self) -> None:
@@ -398,7 +401,7 @@ class Runner:
         d = self.config.data
         self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
         weights = str(folder / "model.safetensors")
-        done = self.final(
+        return self.final(
             ABLATION_FRACTION,
             "pretrained",
             steps,
@@ -407,8 +410,6 @@ class Runner:
             weights=weights,
             stage="ablation",
         )
-        self.write_ablation()
-        return done
 
     def table2(self, steps: int) -> bool:
         """Stage 6: the attention-pooling head at 8%, both arms."""
@@ -452,8 +453,12 @@ class Runner:
     def figures(self) -> None:
         """gain.png: validation accuracy of both arms against finetuning length, per fraction;
         loss_vs_acc.png: the paper's Figure 3 check, final training loss against test
-        accuracy of every final run; and the table and figure of report.write_report."""
+        accuracy of every final run; the table and figure of report.write_report; and
+        ablation.md."""
         import matplotlib.pyplot as plt
+
+        if self.ablation.rows:
+            self.write_ablation()
 
         fractions = sorted({r["fraction"] for r in self.sweep.rows})
         if fractions:
@@ -465,11 +470,21 @@ class Runner:
                 for arm in ARMS:
                     points = [(n, mean_val(self.sweep.rows, fraction, arm, n)[0]) for n in lengths]
                     points = [(n, 100 * v) for n, v in points if v == v]  # drop NaN (not run)
-                    ax.plot(*zip(*points, strict=True), "o-", label=report.ARM_NAMES[arm])
+                    line = ax.plot(*zip(*points, strict=True), "o-", label=report.ARM_NAMES[arm])
+                    key = (fraction, arm)
+                    runs = [r for r in self.sweep.rows if (r["fraction"], r["arm"]) == key]
+                    ax.scatter(
+                        [r["steps"] for r in runs],
+                        [100 * r["val_acc"] for r in runs],
+                        s=12,
+                        alpha=0.5,
+                        color=line[0].get_color(),
+                    )  # each seed
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(lengths, [str(n) for n in lengths])
                 ax.set_title(
-                    f"{100 * fraction:g}% labels (LR {SWEEP_LR:g}, {len(SWEEP_SEEDS)} seeds)"
+                    f"{100 * fraction:g}% labels (LR {SWEEP_LR:g}; mean and each of "
+                    f"{len(SWEEP_SEEDS)} seeds)"
                 )
                 ax.set_xlabel("finetuning steps of 128")
                 ax.set_ylabel("validation accuracy (%)")
@@ -516,6 +531,9 @@ def main() -> None:
     )
     parser.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is native")
     parser.add_argument(
+        "--figures", action="store_true", help="only redraw the figures and tables from the lines"
+    )
+    parser.add_argument(
         "--no-compile",
         action="store_true",
         help="finetune eagerly (default: torch.compile, 1.19x the eager finetuning steps here)",
@@ -531,8 +549,13 @@ def main() -> None:
         compile=not args.no_compile,
     )
     fractions = [float(f) for f in args.fractions.split(",")]
+    runner = Runner(base_config(), OUT, RUNS, rt, args.hours)
+    if args.figures:
+        runner.write_convergence()
+        runner.figures()
+        return
     try:
-        Runner(base_config(), OUT, RUNS, rt, args.hours).run(fractions)
+        runner.run(fractions)
     except UserError as e:  # Interrupted too: one line with the step; rerun this to resume
         print(f"cifar10_converged: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
