@@ -222,7 +222,7 @@ class Runner:
         self.deadline = time.monotonic() + 3600 * hours
         self.first, self.last = first, last
         machine()  # the commit as the runner starts
-        self.weights = str(out / "pretrain" / "model.safetensors")
+        self.weights = str(out / "pretrain" / "model.safetensors")  # see pretrain()
         out.mkdir(parents=True, exist_ok=True)
         # report.write_report reads the dataset (for the paper's columns) from here.
         write_json(out / "experiment.json", {"config": config.to_dict()})
@@ -234,11 +234,17 @@ class Runner:
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def pretrain(self, folder: Path, config: Config) -> None:
-        """Pretraining runs at the runtime's precision, eager (the run as it was started)."""
+    def pretrain(self, folder: Path, config: Config) -> str:
+        """The weights of the pretraining in `folder`, run (at the runtime's precision, eager)
+        if not finished. Weights stay out of git (files over 1 MB): where `folder` holds the
+        committed record without them, the pretraining runs again below runs/."""
+        if finished_summary(folder) is not None and not (folder / "model.safetensors").exists():
+            log.info("%s: its weights are not here; pretraining again in %s", folder, self.runs)
+            folder = self.runs / folder.name
         if finished_summary(folder) is None:
             log.info("pretraining %s: %d steps", folder, config.pretrain.steps)
             run_pretrain(config, folder, replace(self.rt, compile=False))
+        return str(folder / "model.safetensors")
 
     def finetune(
         self,
@@ -373,7 +379,7 @@ class Runner:
             self.figures()
 
     def _run(self, fractions: list[float]) -> None:
-        self.pretrain(self.out / "pretrain", self.config)
+        self.weights = self.pretrain(self.out / "pretrain", self.config)
         lengths: dict[float, int] = {}
         for fraction in fractions:
             steps = self.converge(fraction)
@@ -399,8 +405,7 @@ class Runner:
         assert lr is not None
         folder = self.out / "pretrain-reflect"
         d = self.config.data
-        self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
-        weights = str(folder / "model.safetensors")
+        weights = self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
         return self.final(
             ABLATION_FRACTION,
             "pretrained",

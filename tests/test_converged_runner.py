@@ -144,3 +144,13 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(converged, "run_finetune", fail)
     monkeypatch.setattr(selfie.experiment, "pretrain", fail)
     runner().run([0.5])
+
+    # On a fresh clone the weights are missing (files over 1 MB stay out of git): the
+    # committed summary does not count, and P is pretrained again below runs/.
+    (out / "pretrain" / "model.safetensors").unlink()
+    folders: list[Path] = []
+    monkeypatch.setattr(
+        selfie.experiment, "pretrain", lambda config, opts: folders.append(opts.out)
+    )
+    runner().run([0.5])
+    assert folders == [runs / "pretrain"]
