@@ -8,8 +8,9 @@ Stages, in order, each skipped where its result lines are already committed:
 
 1. pretrain: P on all 50,000 training images for PRETRAIN_STEPS steps (4x the cifar10-cpu
    preset's 6,000, whose pretext accuracy was still rising), in results/cifar10-converged/
-   pretrain/ (a run folder, committed once finished with its model.safetensors;
-   checkpoints stay out of git, so an interrupted pretraining resumes on the same machine only).
+   pretrain/ (a run folder, its record committed once finished; its model.safetensors and
+   checkpoints stay out of git (files over 1 MB), so an interrupted pretraining resumes on the
+   same machine only, and a machine without the weights pretrains again below runs/).
 2. converge (per fraction): both arms at finetuning lengths 600, 1200, 2400, ... steps of 128,
    2 seeds, LR SWEEP_LR, on the 90/10 split (validation accuracy; never the test set), until
    doubling the length adds less than 1 point to the scratch arm's mean validation accuracy
