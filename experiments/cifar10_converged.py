@@ -33,7 +33,7 @@ results.jsonl, ablation.jsonl; derived files: convergence.csv, table.md/.csv, fi
 gain.png, loss_vs_acc.png, ablation.md. Run folders go to runs/cifar10-converged/ (ignored): a
 run interrupted there resumes on the same machine and restarts on another. bf16 autocast where
 the CPU has native bf16, else fp32; finetuning runs torch.compile'd (--no-compile: eager);
-every line records both.
+every line records both, and a pretrained arm's line the sha256 of the P it started from.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import hashlib
 import json
 import logging
 import platform
@@ -105,6 +106,14 @@ def base_config() -> Config:
 
 
 # --- the rules, pure functions of the result lines -------------------------------------------
+
+
+@functools.cache
+def weights_sha256(path: str) -> str:
+    """The sha256 of the weights file at `path`: which P a pretrained line started from (a
+    fresh machine pretrains P again, and on another CPU kind that P differs)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def mean_val(rows: list[dict], fraction: float, arm: str, steps: int) -> tuple[float, float, int]:
@@ -295,6 +304,8 @@ class Runner:
         row = {k: s[k] for k in keep}
         row["fraction"] = fraction  # the asked fraction, the key (s["fraction"] is measured)
         row["measured_fraction"] = s["fraction"]
+        if arm == "pretrained":
+            row["init_sha256"] = weights_sha256(weights or self.weights)
         row |= {"wall_s": round(time.monotonic() - t0, 1)} | machine()
         return row | {k: s[k] for k in ("val_acc", "val_images", "test_acc") if k in s}
 

@@ -134,6 +134,14 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     assert run["config"]["data"]["pad_mode"] == "zero"
     assert str(out / "pretrain-reflect") in run["run"]["finetune"]["init"]
     assert "reflect - zero" in (out / "ablation.md").read_text()
+    # Every pretrained line names the P it started from; the ablation's is the reflect one.
+    main_p = converged.weights_sha256(str(out / "pretrain" / "model.safetensors"))
+    reflect_p = converged.weights_sha256(str(out / "pretrain-reflect" / "model.safetensors"))
+    assert main_p != reflect_p
+    main_lines = sweep + tuning + results
+    assert {r.get("init_sha256") for r in main_lines if r["arm"] == "pretrained"} == {main_p}
+    assert all("init_sha256" not in r for r in main_lines if r["arm"] == "scratch")
+    assert {r["init_sha256"] for r in ablation} == {reflect_p}
 
     # A second runner finds every line and runs nothing.
     import selfie.experiment
