@@ -100,20 +100,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def base_config() -> Config:
-    c = get_preset("cifar10-cpu")
-    return replace(c, pretrain=replace(c.pretrain, steps=PRETRAIN_STEPS))
-
-
-# --- the rules, pure functions of the result lines -------------------------------------------
-
-
 @functools.cache
 def weights_sha256(path: str) -> str:
     """The sha256 of the weights file at `path`: which P a pretrained line started from (a
     fresh machine pretrains P again, and on another CPU kind that P differs)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def base_config() -> Config:
+    c = get_preset("cifar10-cpu")
+    return replace(c, pretrain=replace(c.pretrain, steps=PRETRAIN_STEPS))
+
+
+# --- the rules, pure functions of the result lines -------------------------------------------
 
 
 def mean_val(rows: list[dict], fraction: float, arm: str, steps: int) -> tuple[float, float, int]:
