@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,12 +154,24 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(selfie.experiment, "pretrain", fail)
     runner().run([0.5])
 
-    # On a fresh clone the weights are missing (files over 1 MB stay out of git): the
-    # committed summary does not count, and P is pretrained again below runs/.
+    # P was pretrained below runs/ and published with its record in the results folder.
+    assert (runs / "pretrain" / "model.safetensors").read_bytes() == (
+        out / "pretrain" / "model.safetensors"
+    ).read_bytes()
+    # Where the published weights are missing and no run below runs/ holds them (a fresh
+    # machine with an older record), P is pretrained again there and published over it.
     (out / "pretrain" / "model.safetensors").unlink()
+    shutil.rmtree(runs / "pretrain")
     folders: list[Path] = []
-    monkeypatch.setattr(
-        selfie.experiment, "pretrain", lambda config, opts: folders.append(opts.out)
-    )
+
+    def pretrain_again(config, opts):
+        folders.append(opts.out)
+        opts.out.mkdir(parents=True)
+        (opts.out / "model.safetensors").write_bytes(b"another P")
+        (opts.out / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(selfie.experiment, "pretrain", pretrain_again)
     runner().run([0.5])
     assert folders == [runs / "pretrain"]
+    assert (out / "pretrain" / "model.safetensors").read_bytes() == b"another P"
+    assert (out / "pretrain" / "summary.json").read_text() == "{}"
