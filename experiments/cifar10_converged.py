@@ -45,8 +45,8 @@ import hashlib
 import json
 import logging
 import platform
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time
