@@ -21,10 +21,13 @@ Stages, in order, each skipped where its result lines are already committed:
    best, ties going to an inner value, then to the smaller LR.
    The sweep's own LR-SWEEP_LR seed-0 run at that length is that LR's tuning run.
 4. final (per fraction): 5 seeds per arm on the whole subset, test accuracy.
-5. ablation (after every fraction): P pretrained again with reflect padding instead of zeros
-   (no black border to tell a patch's position), in pretrain-reflect/, then the 8% pretrained
-   arm's 5 final seeds from it, at 8%'s length and its pretrained arm's LR; finetuning keeps
-   zero padding, as everywhere. ablation.jsonl, ablation.md.
+5. ablation (after every fraction), at 8%, the pretrained arm's 5 final seeds at 8%'s length
+   and its pretrained arm's LR: first from the published P where the table's 8% lines came
+   from another P (one lost with its machine: two P's pretrained alike measure how much the
+   pretraining run itself moves the result), then from a P pretrained again with reflect
+   padding instead of zeros (no black border to tell a patch's position), in
+   pretrain-reflect/; finetuning keeps zero padding, as everywhere. ablation.jsonl (keyed by
+   "pretraining", the P's folder), ablation.md.
 6. Table 2: the attention-pooling head at 8%, both arms, at 8%'s length, its LR tuned as in
    stage 3, 5 seeds (results.jsonl, head "attention").
 
@@ -370,18 +373,22 @@ class Runner:
         ledger: Ledger | None = None,
         weights: str | None = None,
         stage: str = "final",
+        pretraining: str | None = None,
     ) -> bool:
         """The 5 final seeds of (fraction, arm, head) into `ledger` (default: results), run
-        folders under runs/`stage`/."""
+        folders under runs/`stage`/; `pretraining` (the P's folder name) keys the lines of a
+        ledger that holds runs from several P's."""
         ledger = ledger or self.results
-        label = amount_label(fraction)
+        key = {"head": head, "labels": amount_label(fraction), "arm": arm}
+        if pretraining is not None:
+            key["pretraining"] = pretraining
         for seed in FINAL_SEEDS:
-            if ledger.find(head=head, labels=label, arm=arm, seed=seed) is None:
+            if ledger.find(**key, seed=seed) is None:
                 if self.out_of_time():
                     return False
                 s = self.finetune(stage, fraction, arm, steps, lr, seed, head, weights)
                 run = run_name(stage, fraction, arm, steps, lr, seed, head)
-                ledger.add({"head": head, "labels": label, "run": run} | s)
+                ledger.add(key | {"run": run} | s)
                 self.figures()
         return True
 
@@ -423,9 +430,29 @@ class Runner:
             log.info("stopped in the ablation or Table 2")
 
     def ablate(self, steps: int) -> bool:
-        """Stage 5: the pretrained arm at 8% from a P pretrained with reflect padding."""
+        """Stage 5 at 8%, the pretrained arm: first from the published P where the table's
+        lines came from another one (a P lost with its machine and pretrained again: the
+        difference between two P's pretrained alike is the yardstick for the next step), then
+        from a P pretrained with reflect padding."""
         lr = self.tune(ABLATION_FRACTION, "pretrained", steps)  # done: read from tuning.jsonl
         assert lr is not None
+        label = amount_label(ABLATION_FRACTION)
+        key = ("resnet50", label, "pretrained")
+        made_from = {
+            r.get("init_sha256")
+            for r in self.results.rows
+            if (r["head"], r["labels"], r["arm"]) == key
+        }
+        if made_from != {weights_sha256(self.weights)} and not self.final(
+            ABLATION_FRACTION,
+            "pretrained",
+            steps,
+            lr,
+            ledger=self.ablation,
+            stage="published-p",
+            pretraining="pretrain",
+        ):
+            return False
         folder = self.out / "pretrain-reflect"
         d = self.config.data
         weights = self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
@@ -437,6 +464,7 @@ class Runner:
             ledger=self.ablation,
             weights=weights,
             stage="ablation",
+            pretraining=folder.name,
         )
 
     def table2(self, steps: int) -> bool:
@@ -448,34 +476,38 @@ class Runner:
         return True
 
     def write_ablation(self) -> None:
-        """ablation.md: test accuracy at 8% of the scratch arm, P with zero padding (the
-        paper's) and P with reflect padding, and reflect against zero with Welch's p."""
+        """ablation.md: test accuracy at 8% of the scratch arm and of the pretrained arm from
+        each P (zero padding, the paper's, and reflect padding), each P named by its folder
+        and the start of its sha256, then each P against the first zero-padded one (Welch)."""
         label = amount_label(ABLATION_FRACTION)
-
-        def accs(ledger: Ledger, arm: str) -> list[float]:
-            key = ("resnet50", label, arm)
-            rows = [r for r in ledger.rows if (r["head"], r["labels"], r["arm"]) == key]
-            return [100 * r["test_acc"] for r in rows]
-
-        arms = {
-            "scratch": accs(self.results, "scratch"),
-            "P pretrained with zero padding (the paper's)": accs(self.results, "pretrained"),
-            "P pretrained with reflect padding": accs(self.ablation, "pretrained"),
-        }
+        arms: dict[str, list[float]] = {}
+        rows = [(r, "pretrain") for r in self.results.rows]
+        rows += [(r, r["pretraining"]) for r in self.ablation.rows]
+        for r, pretraining in rows:
+            if (r["head"], r["labels"]) != ("resnet50", label):
+                continue
+            if r["arm"] == "scratch":
+                name = "scratch"
+            else:
+                padding = "reflect" if pretraining == "pretrain-reflect" else "zero (the paper's)"
+                name = f"P {r['init_sha256'][:8]}, {padding} padding"
+            arms.setdefault(name, []).append(100 * r["test_acc"])
+        # scratch, the zero-padded P's in the order run, then the reflect one (a stable sort)
+        arms = dict(sorted(arms.items(), key=lambda kv: (kv[0] != "scratch", "reflect" in kv[0])))
         lines = [
             f"# Ablation: the padding border cue ({label} labels, test accuracy %)",
             "",
-            "| arm | n | mean ± std |",
-            "| --- | --- | --- |",
+            "| arm | n | mean ± std | against the first P (Welch p) |",
+            "| --- | --- | --- | --- |",
         ]
+        first = next((v for k, v in arms.items() if k.startswith("P ")), [])
         for name, values in arms.items():
-            if values:
-                lines.append(f"| {name} | {len(values)} | {mean_std(values)} |")
-        zero, reflect = list(arms.values())[1:]
-        if len(zero) > 1 and len(reflect) > 1:
-            p = stats.ttest_ind(reflect, zero, equal_var=False).pvalue
-            diff = statistics.mean(reflect) - statistics.mean(zero)
-            lines += ["", f"reflect - zero: {diff:+.2f} points, Welch p = {p:.3g}"]
+            against = ""
+            if name.startswith("P ") and values is not first and min(len(values), len(first)) > 1:
+                p = stats.ttest_ind(values, first, equal_var=False).pvalue
+                diff = statistics.mean(values) - statistics.mean(first)
+                against = f"{diff:+.2f} (p = {p:.3g})"
+            lines.append(f"| {name} | {len(values)} | {mean_std(values)} | {against} |")
         (self.out / "ablation.md").write_text("\n".join(lines) + "\n")
 
     def figures(self) -> None:

@@ -134,7 +134,6 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     run = json.loads((runs / ablation[0]["run"] / "config.json").read_text())
     assert run["config"]["data"]["pad_mode"] == "zero"
     assert str(out / "pretrain-reflect") in run["run"]["finetune"]["init"]
-    assert "reflect - zero" in (out / "ablation.md").read_text()
     # Every pretrained line names the P it started from; the ablation's is the reflect one.
     main_p = converged.weights_sha256(str(out / "pretrain" / "model.safetensors"))
     reflect_p = converged.weights_sha256(str(out / "pretrain-reflect" / "model.safetensors"))
@@ -143,6 +142,29 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     assert {r.get("init_sha256") for r in main_lines if r["arm"] == "pretrained"} == {main_p}
     assert all("init_sha256" not in r for r in main_lines if r["arm"] == "scratch")
     assert {r["init_sha256"] for r in ablation} == {reflect_p}
+    assert [r["pretraining"] for r in ablation] == ["pretrain-reflect"] * 2
+
+    # Where the table's lines came from another P (one lost with its machine), stage 5 first
+    # finetunes the pretrained arm from the published P as well: two P's side by side.
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for r in lines:
+        if r["arm"] == "pretrained":
+            r["init_sha256"] = "0" * 64
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    runner().run([0.5])
+    ablation = [json.loads(line) for line in (out / "ablation.jsonl").read_text().splitlines()]
+    second = [r for r in ablation if r["pretraining"] == "pretrain"]
+    assert [(r["seed"], r["init_sha256"]) for r in second] == [(0, main_p), (1, main_p)]
+    assert all(r["run"].startswith("published-p/") for r in second)
+    text = (out / "ablation.md").read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")][2:]
+    assert rows == [
+        "| scratch",
+        "| P 00000000, zero (the paper's) padding",
+        f"| P {main_p[:8]}, zero (the paper's) padding",
+        f"| P {reflect_p[:8]}, reflect padding",
+    ]
+    assert text.count("(p = ") == 2  # each later P against the first
 
     # A second runner finds every line and runs nothing.
     import selfie.experiment
