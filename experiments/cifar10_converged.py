@@ -555,22 +555,35 @@ class Runner:
             plt.close(fig)
         if self.results.rows:
             report.write_report(self.results.path, self.out)
-            fig, ax = plt.subplots(figsize=(5, 3.8))
+            self.loss_figure()
+
+    def loss_figure(self) -> None:
+        """loss_vs_acc.png: the paper's Figure 3 check (pretrained models end at a higher
+        training loss yet test better), one panel per head and labelled fraction: every final
+        run's training loss over its last logging window against its test accuracy."""
+        import matplotlib.pyplot as plt
+
+        cells = sorted({(r["head"], r["fraction"]) for r in self.results.rows})
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.6), squeeze=False)
+        for ax, (head, fraction) in zip(axes[0], cells, strict=True):
             for arm in ARMS:
-                rows = [r for r in self.results.rows if r["arm"] == arm]
+                key = (head, fraction, arm)
+                rows = [r for r in self.results.rows if (r["head"], r["fraction"], r["arm"]) == key]
                 ax.scatter(
                     [r["final_loss"] for r in rows],
                     [100 * r["test_acc"] for r in rows],
                     label=report.ARM_NAMES[arm],
                 )
+            name = "" if head == "resnet50" else f", {head} head"
+            ax.set_title(f"{100 * fraction:g}% labels{name}")
             ax.set_xlabel("final training loss")
             ax.set_ylabel("test accuracy (%)")
-            ax.set_title("Figure 3 check: every final run")
-            ax.legend()
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(self.out / "loss_vs_acc.png", dpi=120)
-            plt.close(fig)
+        axes[0][0].legend()
+        fig.suptitle("Figure 3 check: every final run")
+        fig.tight_layout()
+        fig.savefig(self.out / "loss_vs_acc.png", dpi=120)
+        plt.close(fig)
 
 
 def main() -> None:
