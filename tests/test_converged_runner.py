@@ -58,6 +58,18 @@ def test_converged_length_follows_the_rule():
     rows = sweep_rows({600: (0.60, 0.9), 1200: (0.70, 0.9)})
     assert rule(rows, 0.08, first=600, last=1200) == 1200
     assert rule(rows, 0.05) is None  # another fraction's rows
+    # A gain of exactly one point is not less than one point, whatever floats make of it:
+    # 5%'s scratch lines at 2,400 and 4,800 steps (250 validation images), whose means
+    # 0.654 -> 0.664 differ by 0.00999999... in floats.
+    rows = sweep_rows({600: (0.60, 0.9), 1200: (0.62, 0.99)})
+    rows += [
+        {"fraction": 0.08, "arm": "scratch", "steps": n, "seed": seed, "val_acc": v}
+        | {"final_train_acc": 1.0}
+        for n, seed, v in ((2400, 0, 0.656), (2400, 1, 0.652), (4800, 0, 0.688), (4800, 1, 0.64))
+    ]
+    assert rule(rows, 0.08) is None
+    rows[-1]["val_acc"] = 0.6396  # a gain under one point: converged at 2,400
+    assert rule(rows, 0.08) == 2400
 
 
 def test_next_lr_extends_the_grid_until_the_best_is_inside():
