@@ -456,6 +456,8 @@ class Runner:
         ):
             return False
         folder = self.out / "pretrain-reflect"
+        if finished_summary(folder) is None and self.out_of_time():
+            return False  # --hours holds for pretraining too: no new P starts past it
         d = self.config.data
         weights = self.pretrain(folder, replace(self.config, data=replace(d, pad_mode="reflect")))
         return self.final(

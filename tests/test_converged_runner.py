@@ -209,3 +209,10 @@ def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     assert folders == [runs / "pretrain"]
     assert (out / "pretrain" / "model.safetensors").read_bytes() == b"another P"
     assert (out / "pretrain" / "summary.json").read_text() == "{}"
+
+    # Past --hours no pretraining starts either: the missing reflect-padded P waits.
+    shutil.rmtree(out / "pretrain-reflect")
+    shutil.rmtree(runs / "pretrain-reflect")
+    converged.Runner(tiny, out, runs, rt, hours=0, first=2, last=4).run([0.5])
+    assert folders == [runs / "pretrain"]
+    assert not (out / "pretrain-reflect").exists()
