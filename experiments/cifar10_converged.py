@@ -326,9 +326,12 @@ class Runner:
         return row | {k: s[k] for k in ("val_acc", "val_images", "test_acc") if k in s}
 
     def converge(self, fraction: float) -> int | None:
+        """The converged length of `fraction`, once both arms have run at every length up to
+        the longest tried (the gain-against-length figure; a sweep stopped between the arms of
+        its last length completes it)."""
         length = self.first
         rows = self.sweep.rows
-        while (chosen := converged_length(rows, fraction, self.first, self.last)) is None:
+        while True:
             for arm in ARMS:
                 for seed in SWEEP_SEEDS:
                     key = dict(fraction=fraction, arm=arm, steps=length, lr=SWEEP_LR, seed=seed)
@@ -340,8 +343,11 @@ class Runner:
                         )
                         self.write_convergence()
                         self.figures()
+            chosen = converged_length(rows, fraction, self.first, self.last)
+            longer = any(r["fraction"] == fraction and r["steps"] > length for r in rows)
+            if chosen is not None and not longer:
+                return chosen
             length *= 2
-        return chosen
 
     def tune(self, fraction: float, arm: str, steps: int, head: str = "resnet50") -> float | None:
         label = amount_label(fraction)

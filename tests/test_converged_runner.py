@@ -90,6 +90,32 @@ def test_next_lr_extends_the_grid_until_the_best_is_inside():
     assert nxt({1.6: 0.5, 3.2: 0.6, 6.4: 0.7}) is None
 
 
+def test_the_sweep_runs_the_pretrained_arm_at_every_length_the_scratch_arm_ran(
+    tmp_path, monkeypatch
+):
+    # Scratch decided the length (2,400: 4,800 gains nothing) but the sweep stopped before the
+    # pretrained arm's 4,800-step runs: only those run, then the length is returned.
+    runner = converged.Runner(get_preset("tiny"), tmp_path / "out", tmp_path / "runs", Runtime())
+    scratch = {600: (0.60, 0.9), 1200: (0.65, 0.99), 2400: (0.70, 1.0), 4800: (0.70, 1.0)}
+    pretrained = {n: (0.75, 1.0) for n in (600, 1200, 2400)}
+    for row in sweep_rows(scratch) + sweep_rows(pretrained, "pretrained"):
+        runner.sweep.add(row | {"lr": converged.SWEEP_LR})
+    ran: list[tuple] = []
+
+    def finetune(stage, fraction, arm, steps, lr, seed, *args):
+        ran.append((stage, fraction, arm, steps, lr, seed))
+        return {"fraction": fraction, "arm": arm, "steps": steps, "lr": lr, "seed": seed} | {
+            "val_acc": 0.75,
+            "final_train_acc": 1.0,
+        }
+
+    monkeypatch.setattr(runner, "finetune", finetune)
+    monkeypatch.setattr(runner, "figures", lambda: None)
+    assert runner.converge(0.08) == 2400
+    assert ran == [("converge", 0.08, "pretrained", 4800, 0.1, seed) for seed in (0, 1)]
+    assert runner.converge(0.08) == 2400 and len(ran) == 2  # nothing left to run
+
+
 def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     tiny = get_preset("tiny")
     out, runs = tmp_path / "out", tmp_path / "runs"
