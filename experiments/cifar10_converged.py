@@ -505,7 +505,7 @@ class Runner:
         # scratch, the zero-padded P's in the order run, then the reflect one (a stable sort)
         arms = dict(sorted(arms.items(), key=lambda kv: (kv[0] != "scratch", "reflect" in kv[0])))
         lines = [
-            f"# Ablation: the padding border cue ({label} labels, test accuracy %)",
+            f"# Ablation: the padding border cue ({ABLATION_FRACTION:.0%} labels, test accuracy %)",
             "",
             "| arm | n | mean ± std | against the first P (Welch p) |",
             "| --- | --- | --- | --- |",
