@@ -104,10 +104,8 @@ def test_the_sweep_runs_the_pretrained_arm_at_every_length_the_scratch_arm_ran(
 
     def finetune(stage, fraction, arm, steps, lr, seed, *args):
         ran.append((stage, fraction, arm, steps, lr, seed))
-        return {"fraction": fraction, "arm": arm, "steps": steps, "lr": lr, "seed": seed} | {
-            "val_acc": 0.75,
-            "final_train_acc": 1.0,
-        }
+        key = {"fraction": fraction, "arm": arm, "steps": steps, "lr": lr, "seed": seed}
+        return key | {"val_acc": 0.75, "final_train_acc": 1.0}
 
     monkeypatch.setattr(runner, "finetune", finetune)
     monkeypatch.setattr(runner, "figures", lambda: None)
