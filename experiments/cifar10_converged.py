@@ -34,9 +34,16 @@ Stages, in order, each skipped where its result lines are already committed:
 Result lines (committed as they come): convergence.jsonl (every stage-2 run), tuning.jsonl,
 results.jsonl, ablation.jsonl; derived files: convergence.csv, table.md/.csv, figure.png,
 gain.png, loss_vs_acc.png, ablation.md. Run folders go to runs/cifar10-converged/ (ignored): a
-run interrupted there resumes on the same machine and restarts on another. bf16 autocast where
-the CPU has native bf16, else fp32; finetuning runs torch.compile'd (--no-compile: eager);
-every line records both, and a pretrained arm's line the sha256 of the P it started from.
+run interrupted there resumes on the same machine. A run can outlast a session (19,200 steps
+take about 4 h on a Zen 3 here): stopped by Ctrl-C, SIGTERM or --stop-after H, the runner
+stashes every unfinished run (its records and newest checkpoint, 10 MB) in
+results/cifar10-converged/in-flight/; committed, it resumes from there on any machine, and the
+finished run's line lists the earlier sessions ("carried"). bf16 autocast where the CPU has
+native bf16, else fp32; finetuning runs torch.compile'd (--no-compile: eager); every line
+records both, and a pretrained arm's line the sha256 of the P it started from.
+
+    nohup python experiments/cifar10_converged.py --hours 2 --stop-after 2.5 > logs/c.log 2>&1 &
+    # ... then commit results/cifar10-converged/ (in-flight/ included)
 """
 
 from __future__ import annotations
@@ -47,11 +54,14 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +71,7 @@ import torch
 from scipy import stats
 
 from selfie import report
+from selfie.checkpoint import checkpoint_step, list_checkpoints
 from selfie.config import PAPER_LR_GRID, Config, get_preset
 from selfie.data.subsets import amount_label
 from selfie.device import cpu_bf16_emulated
@@ -86,7 +97,15 @@ FINAL_SEEDS = (0, 1, 2, 3, 4)
 ARMS = ("scratch", "pretrained")
 ABLATION_FRACTION = 0.08  # the ablation and Table 2: the paper's headline CIFAR-10 cell
 # A pretraining run's files copied into the results (its checkpoints stay below runs/).
-PUBLISHED = ("config.json", "metrics.jsonl", "pretext.png", "model.safetensors", "summary.json")
+PUBLISHED = (
+    "config.json",
+    "metrics.jsonl",
+    "pretext.png",
+    "model.safetensors",
+    "summary.json",
+    "carried.json",
+)
+IN_FLIGHT = "in-flight"  # below OUT: unfinished runs carried to the next session (see stash)
 
 
 @functools.cache
@@ -112,6 +131,18 @@ def weights_sha256(path: str) -> str:
     fresh machine pretrains P again, and on another CPU kind that P differs)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def newest_step(folder: Path) -> int:
+    """The step of the newest checkpoint in run folder `folder`; 0 where it has none."""
+    found = list_checkpoints(folder / "checkpoints")
+    return checkpoint_step(found[-1]) if found else 0
+
+
+def carried_segments(folder: Path) -> list[dict[str, Any]]:
+    """The earlier sessions of the run in `folder` (its carried.json; none if absent)."""
+    path = folder / "carried.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def base_config() -> Config:
@@ -252,6 +283,52 @@ class Runner:
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
+    # A run can outlast a session (19,200 steps take about 4 h on a Zen 3 here), and run
+    # folders stay on their machine: stash() copies every unfinished run's newest checkpoint
+    # and records into out/in-flight/ to be committed; carry_in() puts them back below runs/
+    # on whatever machine continues, where the run resumes from them.
+
+    def stash(self) -> list[str]:
+        """Copy each unfinished run below `runs` whose newest checkpoint is newer than its
+        copy in out/in-flight/ (the folder's files and that checkpoint, replacing the copy),
+        with carried.json: the sessions that ran it so far (the step each reached, the
+        machine, bf16, compile). Returns the runs stashed."""
+        stashed = []
+        for ckpts in sorted(self.runs.glob("**/checkpoints")):
+            folder = ckpts.parent
+            name = folder.relative_to(self.runs).as_posix()
+            carried = self.out / IN_FLIGHT / name
+            found = list_checkpoints(ckpts)
+            if not found or finished_summary(folder) is not None:
+                continue
+            if checkpoint_step(found[-1]) <= newest_step(carried):
+                continue
+            segment = {"to_step": checkpoint_step(found[-1])}
+            segment |= {"bf16": self.rt.bf16, "compile": self.rt.compile} | machine()
+            write_json(folder / "carried.json", [*carried_segments(folder), segment])
+            shutil.rmtree(carried, ignore_errors=True)
+            (carried / "checkpoints").mkdir(parents=True)
+            for path in folder.iterdir():
+                if path.is_file():
+                    shutil.copyfile(path, carried / path.name)
+            shutil.copyfile(found[-1], carried / "checkpoints" / found[-1].name)
+            log.info("stashed %s at step %d in %s", folder, segment["to_step"], carried)
+            stashed.append(name)
+        return stashed
+
+    def carry_in(self, name: str) -> list[dict[str, Any]]:
+        """Where out/in-flight/`name` holds a newer checkpoint than runs/`name`, copy it in (the
+        run then resumes from it); the earlier sessions' segments of that run."""
+        folder, carried = self.runs / name, self.out / IN_FLIGHT / name
+        if newest_step(carried) > newest_step(folder):
+            shutil.copytree(carried, folder, dirs_exist_ok=True)
+            log.info("carried %s in at step %d", folder, newest_step(folder))
+        return carried_segments(folder)
+
+    def carried_out(self, name: str) -> None:
+        """A finished run's in-flight copy is spent."""
+        shutil.rmtree(self.out / IN_FLIGHT / name, ignore_errors=True)
+
     def pretrain(self, folder: Path, config: Config) -> str:
         """The weights of the pretraining published in `folder` (below `out`). Where `folder`
         lacks them, P is pretrained (compiled where the runtime is) in a run folder below
@@ -264,7 +341,9 @@ class Runner:
         run = self.runs / folder.name
         if finished_summary(run) is None:
             log.info("pretraining %s: %d steps", run, config.pretrain.steps)
+            self.carry_in(folder.name)
             run_pretrain(config, run, self.rt)
+        self.carried_out(folder.name)
         folder.mkdir(parents=True, exist_ok=True)
         for name in PUBLISHED:
             if (run / name).exists():
@@ -294,9 +373,12 @@ class Runner:
             init=(weights or self.weights) if arm == "pretrained" else None,
             validation=stage in ("converge", "tune"),
         )
-        folder = self.runs / run_name(stage, fraction, arm, steps, lr, seed, head)
+        name = run_name(stage, fraction, arm, steps, lr, seed, head)
+        folder = self.runs / name
+        carried = self.carry_in(name)
         t0 = time.monotonic()
         s = run_finetune(config, spec, folder, self.rt)
+        self.carried_out(name)
         log.info(
             "%s %s %s: %.0f s",
             stage,
@@ -323,6 +405,8 @@ class Runner:
         if arm == "pretrained":
             row["init_sha256"] = weights_sha256(weights or self.weights)
         row |= {"wall_s": round(time.monotonic() - t0, 1)} | machine()
+        if carried:
+            row["carried"] = carried  # the earlier sessions; the fields above: the last one's
         return row | {k: s[k] for k in ("val_acc", "val_images", "test_acc") if k in s}
 
     def converge(self, fraction: float) -> int | None:
@@ -415,6 +499,7 @@ class Runner:
             self._run(fractions)
         finally:
             self.figures()
+            self.stash()
 
     def _run(self, fractions: list[float]) -> None:
         self.weights = self.pretrain(self.out / "pretrain", self.config)
@@ -614,6 +699,19 @@ def main() -> None:
     )
     parser.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is native")
     parser.add_argument(
+        "--stop-after",
+        type=float,
+        metavar="H",
+        help="interrupt the current run after H hours, as Ctrl-C does: it saves, and every "
+        f"unfinished run is stashed in {OUT / IN_FLIGHT}/ (commit it; any machine continues)",
+    )
+    parser.add_argument(
+        "--stash",
+        action="store_true",
+        help=f"only stash the unfinished runs below {RUNS}/ in {OUT / IN_FLIGHT}/ (after a "
+        "runner was killed without saving: from their newest checkpoints)",
+    )
+    parser.add_argument(
         "--figures", action="store_true", help="only redraw the figures and tables from the lines"
     )
     parser.add_argument(
@@ -637,11 +735,22 @@ def main() -> None:
         runner.write_convergence()
         runner.figures()
         return
+    if args.stash:
+        runner.stash()
+        return
+    if args.stop_after is not None:
+        # SIGINT: the run in progress saves and stops, as on Ctrl-C (between runs: below).
+        stop = threading.Timer(3600 * args.stop_after, os.kill, (os.getpid(), signal.SIGINT))
+        stop.daemon = True
+        stop.start()
     try:
         runner.run(fractions)
     except UserError as e:  # Interrupted too: one line with the step; rerun this to resume
         print(f"cifar10_converged: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("cifar10_converged: interrupted between runs; rerun this to go on", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,57 @@ def test_the_sweep_runs_the_pretrained_arm_at_every_length_the_scratch_arm_ran(
     assert runner.converge(0.08) == 2400 and len(ran) == 2  # nothing left to run
 
 
+def test_a_run_stopped_in_one_session_resumes_from_the_committed_files_on_another(
+    tmp_path, monkeypatch
+):
+    """Interrupted after its step-3 checkpoint, a sweep run is stashed in out/in-flight/; with
+    runs/ gone (another machine) the runner carries it in and resumes it at step 3, ending
+    with the weights of an uninterrupted run; its line lists the earlier session and the
+    spent stash is removed."""
+    import selfie.engine
+    from selfie.errors import Interrupted
+
+    tiny = get_preset("tiny")
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    runner = converged.Runner(tiny, out, runs, Runtime(device="cpu", progress=False), first=8)
+    save = selfie.engine.TrainLoop.save
+
+    def save_then_stop(loop, step):
+        save(loop, step)
+        raise Interrupted(f"SIGINT at step {step}")
+
+    monkeypatch.setattr(selfie.engine.TrainLoop, "save", save_then_stop)
+    monkeypatch.setattr(runner, "pretrain", lambda folder, config: "unused")
+    with pytest.raises(Interrupted):
+        runner.run([0.5])
+    name = converged.run_name("converge", 0.5, "scratch", 8, converged.SWEEP_LR, 0, "resnet50")
+    stash = out / converged.IN_FLIGHT / name
+    assert [p.name for p in (stash / "checkpoints").iterdir()] == ["step_0000003.pt"]
+    assert (stash / "config.json").is_file() and (stash / "subset.json").is_file()
+    [segment] = json.loads((stash / "carried.json").read_text())
+    assert segment["to_step"] == 3 and segment["bf16"] is False and "cpu" in segment
+    assert runner.stash() == []  # nothing newer to stash
+    monkeypatch.setattr(selfie.engine.TrainLoop, "save", save)
+
+    shutil.rmtree(runs)
+    resumed_at: list[int] = []
+    run_finetune = converged.run_finetune
+
+    def spy(config, spec, folder, rt):
+        resumed_at.append(converged.newest_step(folder))
+        return run_finetune(config, spec, folder, rt)
+
+    monkeypatch.setattr(converged, "run_finetune", spy)
+    row = runner.finetune("converge", 0.5, "scratch", 8, converged.SWEEP_LR, 0)
+    assert resumed_at == [3]
+    assert row["carried"] == [segment]
+    assert not stash.exists()
+    whole = converged.Runner(tiny, out, tmp_path / "whole", runner.rt, first=8)
+    again = whole.finetune("converge", 0.5, "scratch", 8, converged.SWEEP_LR, 0)
+    assert "carried" not in again
+    assert (row["final_loss"], row["val_acc"]) == (again["final_loss"], again["val_acc"])
+
+
 def test_the_runner_on_tiny_runs_every_stage_once(tmp_path, monkeypatch):
     tiny = get_preset("tiny")
     out, runs = tmp_path / "out", tmp_path / "runs"
