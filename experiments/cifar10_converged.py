@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -729,6 +730,9 @@ def main() -> None:
         bf16=bf16,
         progress=False,
         compile=not args.no_compile,
+        # Quoted by an interrupted run: the runner resumes it (on another machine: once the
+        # stash in OUT/in-flight/ is committed and pulled there).
+        resume_hint="python " + shlex.join(sys.argv),
     )
     fractions = [float(f) for f in args.fractions.split(",")]
     runner = Runner(base_config(), OUT, RUNS, rt, args.hours)
