@@ -72,7 +72,7 @@ import torch
 from scipy import stats
 
 from selfie import report
-from selfie.checkpoint import checkpoint_step, list_checkpoints
+from selfie.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
 from selfie.config import PAPER_LR_GRID, Config, get_preset
 from selfie.data.subsets import amount_label
 from selfie.device import cpu_bf16_emulated
@@ -299,21 +299,19 @@ class Runner:
             folder = ckpts.parent
             name = folder.relative_to(self.runs).as_posix()
             carried = self.out / IN_FLIGHT / name
-            found = list_checkpoints(ckpts)
-            if not found or finished_summary(folder) is not None:
+            step = newest_step(folder)
+            if finished_summary(folder) is not None or step <= newest_step(carried):
                 continue
-            if checkpoint_step(found[-1]) <= newest_step(carried):
-                continue
-            segment = {"to_step": checkpoint_step(found[-1])}
-            segment |= {"bf16": self.rt.bf16, "compile": self.rt.compile} | machine()
-            write_json(folder / "carried.json", [*carried_segments(folder), segment])
+            segment = {"to_step": step, "bf16": self.rt.bf16, "compile": self.rt.compile}
+            write_json(folder / "carried.json", [*carried_segments(folder), segment | machine()])
             shutil.rmtree(carried, ignore_errors=True)
             (carried / "checkpoints").mkdir(parents=True)
-            for path in folder.iterdir():
-                if path.is_file():
-                    shutil.copyfile(path, carried / path.name)
-            shutil.copyfile(found[-1], carried / "checkpoints" / found[-1].name)
-            log.info("stashed %s at step %d in %s", folder, segment["to_step"], carried)
+            for path in [
+                *(p for p in folder.iterdir() if p.is_file()),
+                checkpoint_path(ckpts, step),
+            ]:
+                shutil.copyfile(path, carried / path.relative_to(folder))
+            log.info("stashed %s at step %d in %s", folder, step, carried)
             stashed.append(name)
         return stashed
 
