@@ -168,6 +168,20 @@ def mean_val(rows: list[dict], fraction: float, arm: str, steps: int) -> tuple[f
     )
 
 
+def gain_by_length(rows: list[dict], fraction: float) -> list[tuple[int, float]]:
+    """(length, pretrained minus scratch mean validation accuracy) for every sweep length of
+    `fraction` where both arms have all their seeds: the gain as a function of finetuning
+    length (does it shrink, vanish or hold?)."""
+    out = []
+    for steps in sorted({r["steps"] for r in rows if r["fraction"] == fraction}):
+        (scratch, _, n0), (pretrained, _, n1) = (
+            mean_val(rows, fraction, arm, steps) for arm in ("scratch", "pretrained")
+        )
+        if min(n0, n1) == len(SWEEP_SEEDS):
+            out.append((steps, pretrained - scratch))
+    return out
+
+
 def converged_length(
     rows: list[dict], fraction: float, first: int = FIRST_LENGTH, last: int = LAST_LENGTH
 ) -> int | None:
@@ -605,7 +619,8 @@ class Runner:
         (self.out / "ablation.md").write_text("\n".join(lines) + "\n")
 
     def figures(self) -> None:
-        """gain.png: validation accuracy of both arms against finetuning length, per fraction;
+        """gain.png: validation accuracy of both arms against finetuning length, per fraction,
+        and the gain (pretrained minus scratch) against length, every fraction in one panel;
         loss_vs_acc.png: the paper's Figure 3 check, final training loss against test
         accuracy of every final run; the table and figure of report.write_report; and
         ablation.md."""
@@ -617,9 +632,9 @@ class Runner:
         fractions = sorted({r["fraction"] for r in self.sweep.rows})
         if fractions:
             fig, axes = plt.subplots(
-                1, len(fractions), figsize=(4.5 * len(fractions), 3.6), squeeze=False
+                1, len(fractions) + 1, figsize=(4.5 * (len(fractions) + 1), 3.6), squeeze=False
             )
-            for ax, fraction in zip(axes[0], fractions, strict=True):
+            for ax, fraction in zip(axes[0], fractions, strict=False):
                 lengths = sorted({r["steps"] for r in self.sweep.rows if r["fraction"] == fraction})
                 for arm in ARMS:
                     points = [(n, mean_val(self.sweep.rows, fraction, arm, n)[0]) for n in lengths]
@@ -644,6 +659,21 @@ class Runner:
                 ax.set_ylabel("validation accuracy (%)")
                 ax.grid(alpha=0.3)
             axes[0][0].legend()
+            ax = axes[0][-1]  # the gain itself, every fraction in one panel
+            for fraction in fractions:
+                points = gain_by_length(self.sweep.rows, fraction)
+                if points:
+                    steps, gains = zip(*points, strict=True)
+                    ax.plot(steps, [100 * g for g in gains], "o-", label=f"{100 * fraction:g}%")
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            lengths = sorted({r["steps"] for r in self.sweep.rows})
+            ax.set_xticks(lengths, [str(n) for n in lengths])
+            ax.set_title("Selfie's gain (mean of each arm's seeds)")
+            ax.set_xlabel("finetuning steps of 128")
+            ax.set_ylabel("pretrained - scratch (validation points)")
+            ax.grid(alpha=0.3)
+            ax.legend(title="labels")
             fig.tight_layout()
             fig.savefig(self.out / "gain.png", dpi=120)
             plt.close(fig)

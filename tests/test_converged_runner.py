@@ -72,6 +72,16 @@ def test_converged_length_follows_the_rule():
     assert rule(rows, 0.08) == 2400
 
 
+def test_the_gain_by_length_needs_both_arms_with_every_seed():
+    rows = sweep_rows({600: (0.60, 0.8), 1200: (0.70, 0.99), 2400: (0.71, 1.0)})
+    rows += sweep_rows({600: (0.75, 0.9), 1200: (0.78, 1.0)}, arm="pretrained")
+    rows += sweep_rows({2400: (0.8, 1.0)}, arm="pretrained")[:1]  # one of its two seeds
+    gains = converged.gain_by_length(rows, 0.08)
+    assert [steps for steps, _ in gains] == [600, 1200]  # 2,400: the pretrained seed 1 is missing
+    assert gains[0][1] == pytest.approx(0.15) and gains[1][1] == pytest.approx(0.08)
+    assert converged.gain_by_length(rows, 0.05) == []
+
+
 def test_next_lr_extends_the_grid_until_the_best_is_inside():
     nxt = converged.next_lr
     assert nxt({0.05: 0.6, 0.1: 0.7, 0.2: 0.65}) is None
