@@ -36,6 +36,8 @@ def test_show_config_paper_size(capsys):
     assert shown["config"]["model"]["attn_heads"] == 32
     assert 24.5e6 < shown["parameters"]["selfie_total"] < 25.5e6
     assert 23.4e6 < shown["parameters"]["finetune_resnet"] < 23.6e6
+    # the Table 2 variant (P's trunk + A + a linear layer) is about as large at paper size
+    assert 25.0e6 < shown["parameters"]["finetune_attention"] < 25.2e6
 
 
 def test_show_config_applies_set(capsys):
