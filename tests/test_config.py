@@ -70,7 +70,7 @@ def test_bad_override_is_a_user_error(item, needle):
 def test_override_is_never_evaluated():
     """Code in a `--set` value never runs: a float field refuses it, a str field keeps the text."""
     code = "__import__('os').getcwd()"
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape(f"--set pretrain.lr={code}")):
         apply_overrides(get_preset("tiny"), [f"pretrain.lr={code}"])
     assert apply_overrides(get_preset("tiny"), [f"data.dataset={code}"]).data.dataset == code
 
