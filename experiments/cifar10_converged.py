@@ -673,7 +673,7 @@ class Runner:
             ax.set_xlabel("finetuning steps of 128")
             ax.set_ylabel("pretrained - scratch (validation points)")
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:  # no fraction has both arms at a length yet
+            if ax.get_legend_handles_labels()[0]:  # empty until a fraction has both arms
                 ax.legend(title="labels")
             fig.tight_layout()
             fig.savefig(self.out / "gain.png", dpi=120)
